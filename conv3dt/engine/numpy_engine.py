@@ -1,0 +1,90 @@
+"""Vectorized NumPy engine: one GEMM per kernel tap, scattered at the stride."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["conv_transpose_region_numpy", "tap_slices"]
+
+
+def tap_slices(
+    tap: int,
+    stride: int,
+    dilation: int,
+    in_origin: int,
+    in_length: int,
+    out_start: int,
+    out_length: int,
+) -> tuple[slice, slice] | None:
+    """Input and output slices through which one kernel tap flows on one axis.
+
+    Input index ``i`` (absolute) meets full-output index ``i * stride + tap * dilation``.
+    ``in_origin``/``in_length`` describe the input box held in memory and
+    ``out_start``/``out_length`` the full-output box being computed; slices are
+    relative to those boxes. Returns None when the tap reaches no output.
+    """
+    shift = tap * dilation
+    lo = max(in_origin, -((shift - out_start) // stride))
+    hi = min(in_origin + in_length, (out_start + out_length - 1 - shift) // stride + 1)
+    if hi <= lo:
+        return None
+    first = lo * stride + shift - out_start
+    src = slice(lo - in_origin, hi - in_origin)
+    dst = slice(first, first + (hi - lo - 1) * stride + 1, stride)
+    return src, dst
+
+
+def conv_transpose_region_numpy(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    in_origin: Sequence[int],
+    out_start: Sequence[int],
+    out_shape: Sequence[int],
+    compute_dtype: np.dtype,
+) -> np.ndarray:
+    """Compute a box of the full (uncropped) transposed-convolution output.
+
+    Parameters
+    ----------
+    x : ndarray, shape (batch, d, h, w, in_channels)
+        The input box, channels last; ``x[:, 0, 0, 0]`` is input voxel ``in_origin``.
+    kernel : ndarray, shape (kd, kh, kw, filters, in_channels)
+    strides, dilation : three ints
+    in_origin : three ints
+        Absolute input index of the box's first voxel.
+    out_start, out_shape : three ints
+        The full-output box to compute (absolute full-output indices).
+    compute_dtype : numpy dtype
+        Accumulation dtype.
+
+    Returns
+    -------
+    ndarray, shape (batch, *out_shape, filters)
+    """
+    batch = x.shape[0]
+    filters = kernel.shape[3]
+    out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
+    xc = x.astype(compute_dtype, copy=False)
+    kc = kernel.astype(compute_dtype, copy=False)
+    per_axis: list[list[tuple[int, slice, slice]]] = []
+    for a in range(3):
+        found = []
+        for t in range(kernel.shape[a]):
+            sl = tap_slices(
+                t, strides[a], dilation[a], in_origin[a], x.shape[1 + a], out_start[a], out_shape[a]
+            )
+            if sl is not None:
+                found.append((t, *sl))
+        if not found:
+            return out
+        per_axis.append(found)
+    for t0, s0, d0 in per_axis[0]:
+        for t1, s1, d1 in per_axis[1]:
+            for t2, s2, d2 in per_axis[2]:
+                contribution = np.matmul(xc[:, s0, s1, s2, :], kc[t0, t1, t2].T)
+                out[:, d0, d1, d2, :] += contribution
+    return out

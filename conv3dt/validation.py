@@ -1,0 +1,93 @@
+"""Argument checks shared by the functional op and the layer, worded as Keras words them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+__all__ = [
+    "default_data_format",
+    "standardize_data_format",
+    "standardize_padding",
+    "standardize_tuple",
+]
+
+
+def standardize_tuple(
+    value: int | Sequence[int], n: int, name: str, allow_zero: bool = False
+) -> tuple[int, ...]:
+    """Turn an int or a sequence of ``n`` ints into a tuple of ``n`` ints.
+
+    Raises
+    ------
+    ValueError
+        When the value is not an int or a sequence of ``n`` ints, or holds a value
+        that is negative (or zero, unless ``allow_zero``). The message names the
+        argument and the value received.
+    """
+    message = f"The `{name}` argument must be a tuple of {n} integers. Received {name}={value}"
+    if isinstance(value, bool):
+        raise ValueError(message)
+    if isinstance(value, int):
+        values = (value,) * n
+    else:
+        try:
+            values = tuple(value)
+        except TypeError:
+            raise ValueError(message) from None
+        if len(values) != n:
+            raise ValueError(message)
+        converted = []
+        for item in values:
+            if isinstance(item, bool) or not _is_integral(item):
+                raise ValueError(f"{message}, including element {item!r} of type {type(item)}")
+            converted.append(int(item))
+        values = tuple(converted)
+    bad = sorted({v for v in values if (v < 0 if allow_zero else v <= 0)})
+    if bad:
+        requirement = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{message}, including values {bad} that do not satisfy `value {requirement}`")
+    return values
+
+
+def _is_integral(item: object) -> bool:
+    try:
+        return int(item) == item  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+
+
+def standardize_padding(value: str) -> str:
+    """Lower-case ``padding`` and check it is "valid" or "same"."""
+    if not isinstance(value, str) or value.lower() not in ("valid", "same"):
+        raise ValueError(
+            f"The `padding` argument must be one of 'valid', 'same' (case-insensitive). "
+            f"Received: padding={value!r}"
+        )
+    return value.lower()
+
+
+def default_data_format() -> str:
+    """Keras's ``image_data_format``: from ``$KERAS_HOME/keras.json`` or ``~/.keras/keras.json``."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    path = os.path.join(home, "keras.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return "channels_last"
+    value = config.get("image_data_format", "channels_last") if isinstance(config, dict) else None
+    return value if value in ("channels_last", "channels_first") else "channels_last"
+
+
+def standardize_data_format(value: str | None) -> str:
+    """Resolve ``data_format`` (None means Keras's configured default) and check it."""
+    if value is None:
+        return default_data_format()
+    if not isinstance(value, str) or value.lower() not in ("channels_last", "channels_first"):
+        raise ValueError(
+            "The `data_format` argument must be one of {'channels_first', 'channels_last'}. "
+            f"Received: data_format={value!r}"
+        )
+    return value.lower()
