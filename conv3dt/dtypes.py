@@ -1,0 +1,102 @@
+"""Keras dtype policies: the dtype weights are stored in and the dtype outputs are computed in."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DTypePolicy", "get_policy", "numpy_dtype"]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_MIXED = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype for a Keras float dtype name (bfloat16 needs ``ml_dtypes``)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError(
+                "dtype 'bfloat16' needs the ml_dtypes package: pip install ml_dtypes"
+            ) from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _default_floatx() -> str:
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return "float32"
+    value = config.get("floatx") if isinstance(config, dict) else None
+    return value if value in ("float16", "float32", "float64") else "float32"
+
+
+@dataclass(frozen=True)
+class DTypePolicy:
+    """A Keras dtype policy by name: ``float32``, ``mixed_float16`` and so on."""
+
+    name: str
+
+    @property
+    def variable_dtype(self) -> str:
+        """Name of the dtype the weights are stored in."""
+        return "float32" if self.name in _MIXED else self.name
+
+    @property
+    def compute_dtype(self) -> str:
+        """Name of the dtype inputs are cast to and outputs come out in."""
+        return _MIXED.get(self.name, self.name)
+
+    def serialize(self) -> dict[str, Any]:
+        """The dict Keras's ``layer.get_config()`` puts under ``dtype``."""
+        return {
+            "module": "keras",
+            "class_name": "DTypePolicy",
+            "config": {"name": self.name},
+            "registered_name": None,
+        }
+
+
+def get_policy(identifier: str | dict | DTypePolicy | None) -> DTypePolicy:
+    """Resolve a ``dtype`` argument as Keras does: None, a name, a serialized policy.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or a malformed dict, naming what was received.
+        ``bfloat16`` policies need the ``ml_dtypes`` package.
+    """
+    if identifier is None:
+        name = _default_floatx()
+    elif isinstance(identifier, DTypePolicy):
+        return identifier
+    elif isinstance(identifier, dict):
+        config = identifier.get("config")
+        if identifier.get("class_name") not in ("DTypePolicy", "FloatDTypePolicy") or not (
+            isinstance(config, dict) and isinstance(config.get("name"), str)
+        ):
+            raise ValueError(
+                "Expected `dtype` as a name or a serialized DTypePolicy "
+                f"({{'class_name': 'DTypePolicy', 'config': {{'name': ...}}}}). Received: dtype={identifier}"
+            )
+        name = config["name"]
+    elif isinstance(identifier, str):
+        name = identifier
+    else:
+        raise ValueError(f"Expected `dtype` as a string or a dict. Received: dtype={identifier!r}")
+    if name not in _FLOAT_NAMES and name not in _MIXED:
+        raise ValueError(
+            "Unsupported `dtype` for Conv3DTranspose: expected one of "
+            f"{', '.join(_FLOAT_NAMES + tuple(_MIXED))}. Received: dtype={name!r}"
+        )
+    policy = DTypePolicy(name)
+    numpy_dtype(policy.compute_dtype)
+    return policy
