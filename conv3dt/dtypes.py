@@ -85,7 +85,8 @@ def get_policy(identifier: str | dict | DTypePolicy | None) -> DTypePolicy:
         ):
             raise ValueError(
                 "Expected `dtype` as a name or a serialized DTypePolicy "
-                f"({{'class_name': 'DTypePolicy', 'config': {{'name': ...}}}}). Received: dtype={identifier}"
+                "({'class_name': 'DTypePolicy', 'config': {'name': ...}}). "
+                f"Received: dtype={identifier}"
             )
         name = config["name"]
     elif isinstance(identifier, str):

@@ -236,7 +236,9 @@ class Conv3DTranspose:
                 f"Received input shape {input_shape} with data_format='{self.data_format}'."
             )
         dtype = numpy_dtype(self.dtype)
-        kernel = self.kernel_initializer(self.kernel_shape(int(channels)), dtype="float32", seed=seed)
+        kernel = self.kernel_initializer(
+            self.kernel_shape(int(channels)), dtype="float32", seed=seed
+        )
         self.kernel = np.asarray(kernel).astype(dtype)
         if self.use_bias:
             bias_seed = None if seed is None else seed + 1
@@ -343,8 +345,8 @@ class Conv3DTranspose:
         """
         out = conv_output
         if self.use_bias and self.bias is not None:
-            shape = (self.filters,) if self.data_format == "channels_last" else (
-                self.filters, 1, 1, 1
+            shape = (
+                (self.filters,) if self.data_format == "channels_last" else (self.filters, 1, 1, 1)
             )
             out = out + self.bias.astype(out.dtype).reshape(shape)
         if self.activation is not None:

@@ -47,7 +47,9 @@ def standardize_tuple(
     bad = sorted({v for v in values if (v < 0 if allow_zero else v <= 0)})
     if bad:
         requirement = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{message}, including values {bad} that do not satisfy `value {requirement}`")
+        raise ValueError(
+            f"{message}, including values {bad} that do not satisfy `value {requirement}`"
+        )
     return values
 
 

@@ -1,0 +1,1 @@
+"""The conv3dt command-line front end (installed as the ``conv3dt_cli`` package)."""

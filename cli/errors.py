@@ -1,0 +1,63 @@
+"""Turn exceptions into one or two plain lines on stderr and the documented exit code."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_INVALID",
+    "exit_code_for",
+    "message_for",
+    "reporting",
+]
+
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+
+
+def exit_code_for(error: BaseException) -> int:
+    """2 for invalid specs, inputs and arguments (ValueError); 130 for interrupts; else 1."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, ValueError):
+        return EXIT_INVALID
+    return EXIT_FAILURE
+
+
+def message_for(error: BaseException) -> str:
+    """A one-line description of an error."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, MemoryError):
+        return "out of memory; lower --memory-limit"
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return text
+
+
+def report(error: BaseException, debug: bool) -> None:
+    """Print an error as ``conv3dt: error: ...`` (with the traceback when ``debug``)."""
+    if debug:
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    click.echo(f"conv3dt: error: {message_for(error)}", err=True)
+
+
+@contextmanager
+def reporting(debug: bool) -> Iterator[None]:
+    """Run a command body, mapping exceptions to messages and exit codes."""
+    try:
+        yield
+    except (click.exceptions.Exit, click.ClickException, SystemExit):
+        raise
+    except (Exception, KeyboardInterrupt) as error:
+        report(error, debug)
+        sys.exit(exit_code_for(error))

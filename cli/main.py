@@ -1,0 +1,390 @@
+"""The ``conv3dt`` command: parse, call the library, print, choose an exit code.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error or invalid spec/input,
+130 interrupted. Heavy modules are imported inside the commands so that
+``conv3dt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+from conv3dt_cli import errors
+
+log = logging.getLogger("conv3dt")
+
+_FORMATS = click.Choice(["npy", "nifti", "hdf5"])
+_OUTPUT_DTYPES = click.Choice(["float32", "float16", "float64", "int16", "uint8"])
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("conv3dt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _debug_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")(function)
+
+
+def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    function = click.option(
+        "--layer",
+        "layer_name",
+        metavar="NAME",
+        help="Name of the Conv3DTranspose layer in --keras-model (optional when it has one).",
+    )(function)
+    function = click.option(
+        "--keras-model",
+        type=click.Path(dir_okay=False),
+        help="A Keras model file (.keras, legacy .h5) to take the layer and weights from.",
+    )(function)
+    function = click.option(
+        "--spec",
+        type=click.Path(dir_okay=False),
+        help="Layer spec (YAML or JSON): Keras layer arguments, weight files, seed.",
+    )(function)
+    return function
+
+
+def _load_layer_spec(
+    spec: str | None, keras_model: str | None, layer_name: str | None, seed: int | None = None
+) -> Any:
+    if (spec is None) == (keras_model is None):
+        raise click.UsageError("give exactly one of --spec and --keras-model")
+    if layer_name is not None and keras_model is None:
+        raise click.UsageError("--layer needs --keras-model")
+    from conv3dt.spec import LayerSpec, load_spec
+
+    if spec is not None:
+        loaded = load_spec(spec)
+        if seed is not None:
+            loaded.seed = seed
+        return loaded
+    from conv3dt.keras_file import load_layer
+
+    return LayerSpec(layer=load_layer(keras_model, layer_name), source=str(keras_model), seed=seed)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="conv3dt: %(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    version=None, package_name="conv3dt", prog_name="conv3dt", message="%(prog)s %(version)s"
+)
+def main() -> None:
+    """Apply a trained Keras Conv3DTranspose layer to NIfTI, HDF5 and .npy volumes.
+
+    Exit codes: 0 success, 1 runtime failure, 2 usage error or invalid
+    spec/input, 130 interrupted.
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@_model_options
+@click.option(
+    "-o",
+    "--output",
+    metavar="PATH",
+    help="Output file for a single input ('-' for an .npy stream on stdout).",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    help="Directory for the outputs of many inputs.",
+)
+@click.option(
+    "--name",
+    "name_template",
+    default="{stem}_up{ext}",
+    show_default=True,
+    help="Output name template for --output-dir: {stem}, {ext}, {name}, {index}.",
+)
+@click.option(
+    "--input-format", type=_FORMATS, help="Read inputs as this format, whatever their extension."
+)
+@click.option(
+    "--output-format", type=_FORMATS, help="Write outputs as this format, whatever their extension."
+)
+@click.option(
+    "--output-dtype",
+    type=_OUTPUT_DTYPES,
+    default="float32",
+    show_default=True,
+    help="Storage dtype; int16 and uint8 are NIfTI only (with scl_slope/scl_inter).",
+)
+@click.option(
+    "--4d-as-batch",
+    "four_d_as_batch",
+    is_flag=True,
+    help="Treat a 4D NIfTI series as a batch of single-channel volumes.",
+)
+@click.option(
+    "--memory-limit",
+    metavar="SIZE",
+    help="Memory the tiles in flight may use, e.g. 512M or 2G "
+    "(default: a quarter of available memory).",
+)
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 output compression.")
+@click.option(
+    "--engine",
+    default="auto",
+    show_default=True,
+    help="Force an engine implementation (auto picks per layer and shape).",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Engine threads (default: all cores).")
+@click.option(
+    "--seed", type=click.IntRange(min=0), help="Seed for drawn weights (overrides the spec's)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace outputs that already exist.")
+@click.option(
+    "--skip-existing", is_flag=True, help="Skip inputs whose output exists (resume a batch)."
+)
+@click.option(
+    "--keep-going", is_flag=True, help="Process the remaining inputs after a failure, then exit 1."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON line per processed file on stdout."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages, errors only.")
+@click.option("-v", "--verbose", count=True, help="Log what happens (-vv for more).")
+@_debug_option
+def upsample(
+    inputs: tuple[str, ...],
+    spec: str | None,
+    keras_model: str | None,
+    layer_name: str | None,
+    output: str | None,
+    output_dir: str | None,
+    name_template: str,
+    input_format: str | None,
+    output_format: str | None,
+    output_dtype: str,
+    four_d_as_batch: bool,
+    memory_limit: str | None,
+    compression: str | None,
+    engine: str,
+    threads: int | None,
+    seed: int | None,
+    overwrite: bool,
+    skip_existing: bool,
+    keep_going: bool,
+    as_json: bool,
+    quiet: bool,
+    verbose: int,
+    debug: bool,
+) -> None:
+    """Apply the layer to each INPUT volume (files, directories, globs, '-' for stdin)."""
+    _configure_logging(verbose, quiet)
+    with errors.reporting(debug):
+        from conv3dt_cli.upsample import run_upsample
+
+        if overwrite and skip_existing:
+            raise click.UsageError("--overwrite and --skip-existing exclude each other")
+        code = run_upsample(
+            list(inputs),
+            layer_spec_loader=lambda: _load_layer_spec(spec, keras_model, layer_name, seed),
+            output=output,
+            output_dir=output_dir,
+            name_template=name_template,
+            input_format=input_format,
+            output_format=output_format,
+            output_dtype=output_dtype,
+            four_d_as_batch=four_d_as_batch,
+            memory_limit=memory_limit,
+            compression=compression,
+            engine=engine,
+            threads=threads,
+            overwrite=overwrite,
+            skip_existing=skip_existing,
+            keep_going=keep_going,
+            as_json=as_json,
+            quiet=quiet,
+            debug=debug,
+        )
+        _exit(code)
+
+
+@main.command()
+@_model_options
+@click.option(
+    "--input",
+    "input_path",
+    metavar="VOLUME",
+    help="A volume to plan for: output shape, FLOPs, memory, tiles.",
+)
+@click.option("--input-format", type=_FORMATS, help="Read --input as this format.")
+@click.option(
+    "--4d-as-batch", "four_d_as_batch", is_flag=True, help="Treat a 4D NIfTI series as a batch."
+)
+@click.option("--memory-limit", metavar="SIZE", help="Memory budget to plan tiles for (e.g. 512M).")
+@click.option(
+    "--seed", type=click.IntRange(min=0), help="Seed for drawn weights (overrides the spec's)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_debug_option
+def inspect(
+    spec: str | None,
+    keras_model: str | None,
+    layer_name: str | None,
+    input_path: str | None,
+    input_format: str | None,
+    four_d_as_batch: bool,
+    memory_limit: str | None,
+    seed: int | None,
+    as_json: bool,
+    debug: bool,
+) -> None:
+    """Show the resolved layer, its weights, penalties and constraints; with --input, the plan."""
+    with errors.reporting(debug):
+        from conv3dt_cli.report import inspect_report, render
+
+        from conv3dt.plan import parse_memory
+
+        try:
+            limit = None if memory_limit is None else parse_memory(memory_limit)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--memory-limit") from None
+        layer_spec = _load_layer_spec(spec, keras_model, layer_name, seed)
+        report = inspect_report(
+            layer_spec,
+            input_path,
+            input_format=input_format,
+            four_d_as_batch=four_d_as_batch,
+            memory_limit=limit,
+        )
+        click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+@main.command()
+@click.argument("volumes", nargs=-1, required=True)
+@click.option("--input-format", type=_FORMATS, help="Read the volumes as this format.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per volume.")
+@_debug_option
+def info(volumes: tuple[str, ...], input_format: str | None, as_json: bool, debug: bool) -> None:
+    """Describe VOLUMES: shape, dtype, axes, channels, voxel size, affine, scaling, datasets."""
+    with errors.reporting(debug):
+        from conv3dt_cli.report import render
+
+        from conv3dt.volumes import describe, open_volume
+
+        for path in volumes:
+            with open_volume(path, input_format) as reader:
+                description = {"path": path, **describe(reader)}
+            click.echo(json.dumps(description) if as_json else render(description) + "\n")
+
+
+@main.command()
+@click.option(
+    "-o",
+    "--output",
+    "spec_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Spec file to write (.yaml, .yml or .json); weights go beside it.",
+)
+@click.option("--filters", type=int, required=True, help="Number of output channels.")
+@click.option("--kernel-size", required=True, help="Kernel size: N or D,H,W.")
+@click.option("--strides", default="1", show_default=True, help="Strides: N or D,H,W.")
+@click.option("--padding", default="valid", show_default=True, help="valid or same.")
+@click.option(
+    "--output-padding", default=None, help="Output padding: N or D,H,W (default: inferred)."
+)
+@click.option("--dilation-rate", default="1", show_default=True, help="Dilation: N or D,H,W.")
+@click.option(
+    "--data-format",
+    type=click.Choice(["channels_last", "channels_first"]),
+    default="channels_last",
+    show_default=True,
+    help="Axis order of the layer's tensors.",
+)
+@click.option("--activation", default=None, help="Activation name (e.g. relu); default linear.")
+@click.option("--use-bias/--no-use-bias", default=True, show_default=True, help="Add a bias.")
+@click.option(
+    "--kernel-initializer",
+    default="glorot_uniform",
+    show_default=True,
+    help="Kernel initializer name.",
+)
+@click.option(
+    "--bias-initializer", default="zeros", show_default=True, help="Bias initializer name."
+)
+@click.option(
+    "--in-channels",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Input channels the drawn kernel is for.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed for the drawn weights.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing spec and weight files.")
+@_debug_option
+def init(
+    spec_path: str,
+    filters: int,
+    kernel_size: str,
+    strides: str,
+    padding: str,
+    output_padding: str | None,
+    dilation_rate: str,
+    data_format: str,
+    activation: str | None,
+    use_bias: bool,
+    kernel_initializer: str,
+    bias_initializer: str,
+    in_channels: int,
+    seed: int,
+    overwrite: bool,
+    debug: bool,
+) -> None:
+    """Write a spec from layer options, with weights drawn from the initializers."""
+    with errors.reporting(debug):
+        from conv3dt_cli.init_spec import write_spec
+
+        written = write_spec(
+            spec_path,
+            filters=filters,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            output_padding=output_padding,
+            dilation_rate=dilation_rate,
+            data_format=data_format,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            in_channels=in_channels,
+            seed=seed,
+            overwrite=overwrite,
+        )
+        for path in written:
+            click.echo(f"wrote {path}", err=True)
+
+
+def _exit(code: int) -> NoReturn:
+    sys.exit(code)

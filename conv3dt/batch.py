@@ -1,0 +1,178 @@
+"""Turn command-line inputs (files, directories, globs) into (input, output) pairs."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "FORMAT_EXTENSIONS",
+    "BatchError",
+    "Job",
+    "expand_inputs",
+    "format_of",
+    "plan_jobs",
+    "split_extension",
+]
+
+FORMAT_EXTENSIONS = {"npy": ".npy", "nifti": ".nii.gz", "hdf5": ".h5"}
+_EXTENSIONS = (".nii.gz", ".nii", ".npy", ".h5", ".hdf5")
+_FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".npy": "npy", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+
+class BatchError(ValueError):
+    """Inputs or outputs that cannot be processed as asked."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input volume and where its result goes."""
+
+    input: str
+    output: str
+
+
+def _strip_dataset(path: str) -> str:
+    """Drop an HDF5 ``:/dataset`` suffix."""
+    lowered = path.lower()
+    for ext in (".h5:", ".hdf5:"):
+        index = lowered.find(ext)
+        if index != -1:
+            return path[: index + len(ext) - 1]
+    return path
+
+
+def split_extension(path: str) -> tuple[str, str]:
+    """Split a volume path into (stem, extension), knowing ``.nii.gz``.
+
+    An HDF5 ``:/dataset`` suffix is ignored.
+    """
+    name = os.path.basename(_strip_dataset(path))
+    lowered = name.lower()
+    for ext in _EXTENSIONS:
+        if lowered.endswith(ext):
+            return name[: -len(ext)], name[-len(ext) :]
+    stem, ext = os.path.splitext(name)
+    return stem, ext
+
+
+def format_of(path: str) -> str | None:
+    """The format a path's extension implies, or None."""
+    return _FORMATS.get(split_extension(path)[1].lower())
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Expand directories (their volume files, sorted) and glob patterns, keep order, drop repeats.
+
+    Raises
+    ------
+    BatchError
+        For a pattern that matches nothing or a path that does not exist.
+    """
+    found: list[str] = []
+    for item in items:
+        if item == "-":
+            found.append(item)
+            continue
+        base = _strip_dataset(item)
+        if os.path.isdir(item):
+            entries = sorted(
+                os.path.join(item, name)
+                for name in os.listdir(item)
+                if format_of(name) is not None and os.path.isfile(os.path.join(item, name))
+            )
+            if not entries:
+                raise BatchError(f"{item}: directory holds no .npy, .nii, .nii.gz or .h5 volumes")
+            found.extend(entries)
+        elif os.path.exists(base):
+            found.append(item)
+        elif glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise BatchError(f"{item}: pattern matches no files")
+            found.extend(matches)
+        else:
+            raise BatchError(f"{item}: no such file")
+    unique: list[str] = []
+    seen: set[str] = set()
+    for path in found:
+        key = (
+            path
+            if path == "-"
+            else os.path.realpath(_strip_dataset(path)) + path[len(_strip_dataset(path)) :]
+        )
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def plan_jobs(
+    inputs: list[str],
+    *,
+    output: str | None,
+    output_dir: str | None,
+    name_template: str = "{stem}_up{ext}",
+    output_format: str | None = None,
+) -> list[Job]:
+    """Pair inputs with outputs: ``-o`` for one input, else ``--output-dir`` and a name template.
+
+    Template fields: ``{stem}`` (file name without extension), ``{ext}`` (the
+    input's extension, or the output format's), ``{name}`` (the whole file
+    name) and ``{index}`` (position in the batch, from 0).
+
+    Raises
+    ------
+    BatchError
+        For a missing or conflicting destination, a bad template, two inputs
+        mapped to one output, or an output equal to an input.
+    """
+    if (output is None) == (output_dir is None):
+        raise BatchError("give exactly one of -o/--output and --output-dir")
+    if output is not None and len(inputs) != 1:
+        raise BatchError(f"-o/--output takes a single input, got {len(inputs)}; use --output-dir")
+    jobs: list[Job] = []
+    if output is not None:
+        jobs.append(Job(inputs[0], output))
+    else:
+        assert output_dir is not None
+        for index, path in enumerate(inputs):
+            if path == "-":
+                raise BatchError("stdin ('-') needs -o/--output")
+            stem, ext = split_extension(path)
+            if output_format is not None:
+                ext = FORMAT_EXTENSIONS[output_format]
+            try:
+                name = name_template.format(
+                    stem=stem, ext=ext, name=os.path.basename(_strip_dataset(path)), index=index
+                )
+            except (KeyError, IndexError, ValueError) as exc:
+                raise BatchError(
+                    f"--name {name_template!r}: unknown field {exc}; use {{stem}}, {{ext}}, "
+                    "{name} or {index}"
+                ) from None
+            if not name or os.sep in name:
+                raise BatchError(f"--name {name_template!r} gives an invalid file name {name!r}")
+            jobs.append(Job(path, os.path.join(output_dir, name)))
+    targets: dict[str, str] = {}
+    sources = {os.path.realpath(_strip_dataset(job.input)) for job in jobs if job.input != "-"}
+    for job in jobs:
+        if job.output == "-":
+            continue
+        real = os.path.realpath(_strip_dataset(job.output))
+        if real in sources:
+            raise BatchError(f"{job.output}: output would overwrite an input")
+        if real in targets:
+            raise BatchError(
+                f"{job.output}: both {targets[real]} and {job.input} would be written there; "
+                "change --name"
+            )
+        targets[real] = job.input
+    return jobs
+
+
+def output_exists(path: str) -> bool:
+    """Whether an output target already exists (``-`` never does)."""
+    return path != "-" and Path(_strip_dataset(path)).exists()

@@ -1,0 +1,325 @@
+"""Apply a layer to a volume on disk: read a tile, compute it, write it, tile after tile.
+
+The next tile's input is read while the engine computes, and each finished
+tile is written behind, so a run goes at the pace of its slowest stage. The
+output is written under a temporary name beside the target and renamed when
+complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from conv3dt import __version__
+from conv3dt.dtypes import numpy_dtype
+from conv3dt.engine import conv_transpose_region
+from conv3dt.geometry import AxisGeometry
+from conv3dt.layer import Conv3DTranspose
+from conv3dt.layout import DiskLayout, disk_layout
+from conv3dt.plan import Plan, Tile, plan_tiles
+from conv3dt.spec import LayerSpec
+from conv3dt.volumes import create_volume, open_volume
+from conv3dt.volumes.affine import output_affine
+
+__all__ = ["OUTPUT_DTYPES", "RunResult", "prepare", "upsample_file"]
+
+OUTPUT_DTYPES = ("float32", "float16", "float64", "int16", "uint8")
+_COUPLING_ACTIVATIONS = ("softmax", "log_softmax", "sparsemax", "glu")
+
+
+@dataclass
+class Prepared:
+    """Everything decided before the first tile: layouts, geometry, plan, metadata."""
+
+    in_layout: DiskLayout
+    out_layout: DiskLayout
+    plan: Plan
+    affine: np.ndarray | None
+    output_dtype: np.dtype
+
+
+@dataclass
+class RunResult:
+    """What one run did, for ``--json`` and logs."""
+
+    input: str
+    output: str
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    dtype: str
+    seconds: float
+    voxels_per_second: float
+    peak_memory_bytes: int
+    tiles: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "input": self.input,
+            "output": self.output,
+            "input_shape": list(self.input_shape),
+            "output_shape": list(self.output_shape),
+            "dtype": self.dtype,
+            "seconds": round(self.seconds, 6),
+            "voxels_per_second": round(self.voxels_per_second, 1),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "tiles": self.tiles,
+        }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _activation_name(layer: Conv3DTranspose) -> str:
+    from conv3dt import activations
+
+    name = activations.serialize(layer.activation)
+    if isinstance(name, dict):
+        config = name.get("config")
+        name = config if isinstance(config, str) else name.get("class_name", "")
+    return str(name or "").lower()
+
+
+def prepare(
+    spec: LayerSpec,
+    shape: tuple[int, ...],
+    *,
+    spatial_first: bool,
+    four_d_as_batch: bool = False,
+    input_affine: np.ndarray | None = None,
+    output_dtype: str = "float32",
+    memory_limit: int | None = None,
+    storage_order: str = "C",
+    tile_shape: tuple[int, int, int] | None = None,
+    output_spatial_first: bool | None = None,
+) -> Prepared:
+    """Decide layouts, geometry, tiles and the output affine for an input of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        (LayoutError, SpecError) when the volume does not fit the layer.
+    """
+    layer = spec.layer
+    if output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(
+            f"unsupported output dtype {output_dtype!r}; expected one of {', '.join(OUTPUT_DTYPES)}"
+        )
+    in_layout = disk_layout(
+        shape, layer.data_format, spatial_first=spatial_first, four_d_as_batch=four_d_as_batch
+    )
+    spec.ensure_built(in_layout.channels)
+    axes = layer.geometry(in_layout.spatial)
+    out_spatial = tuple(g.output_length for g in axes)
+    out_first = spatial_first if output_spatial_first is None else output_spatial_first
+    out_layout = in_layout.with_sizes(
+        out_spatial,  # type: ignore[arg-type]
+        layer.filters,
+        channels_first=layer.data_format == "channels_first" and not out_first,
+    )
+    if out_first and out_layout.axes not in ("zyx", "zyxc", "zyxb"):
+        # NIfTI output stores spatial axes first, whatever the input's layout.
+        labels = (
+            "zyx"
+            + ("c" if "c" in out_layout.axes else "")
+            + ("b" if "b" in out_layout.axes else "")
+        )
+        if len(labels) > 4:
+            raise ValueError("a batch of multi-channel volumes cannot be written as one NIfTI file")
+        out_layout = DiskLayout(labels, tuple(out_layout.size(label) for label in labels))
+    whole: list[int] = []
+    if layer.data_format == "channels_first" and _activation_name(layer) in _COUPLING_ACTIVATIONS:
+        # These act along the last axis: in channels_first that is the width.
+        whole.append(2)
+    split_order = (2, 1, 0) if storage_order == "F" else (0, 1, 2)
+    compute_itemsize = max(numpy_dtype(layer.compute_dtype).itemsize, 4)
+    plan = plan_tiles(
+        axes,
+        in_layout.channels,
+        layer.filters,
+        itemsize=compute_itemsize,
+        memory_limit=memory_limit,
+        split_order=split_order,
+        whole_axes=whole,
+        tile_shape=tile_shape,
+    )
+    affine = None
+    if input_affine is not None:
+        affine = output_affine(
+            np.asarray(input_affine, dtype=np.float64),
+            tuple(float(g.stride) for g in axes),  # type: ignore[arg-type]
+            tuple(g.world_offset() for g in axes),  # type: ignore[arg-type]
+        )
+    return Prepared(in_layout, out_layout, plan, affine, np.dtype(output_dtype))
+
+
+def compute_tile(
+    layer: Conv3DTranspose,
+    axes: tuple[AxisGeometry, ...],
+    x: np.ndarray,
+    tile: Tile,
+    engine: str = "auto",
+) -> np.ndarray:
+    """One tile of ``layer``'s output, ``(batch, z, y, x, filters)``, from its input box.
+
+    ``x`` is the input box in ``(batch, z, y, x, channels)`` order and ``axes``
+    the volume's geometry. The result equals the same box of
+    ``layer(whole_input)`` exactly.
+    """
+    assert layer.kernel is not None
+    compute = numpy_dtype(layer.compute_dtype)
+    work = np.dtype(np.float32) if compute.itemsize < 4 else compute
+    conv = conv_transpose_region(
+        x.astype(work, copy=False),
+        layer.kernel.astype(work, copy=False),
+        layer.strides,
+        layer.dilation_rate,
+        tile.in_start,
+        tuple(a + g.crop_left for a, g in zip(tile.out_start, axes, strict=True)),
+        tile.out_shape,
+        work,
+        engine=engine,
+    ).astype(compute, copy=False)
+    if layer.data_format == "channels_first":
+        return np.moveaxis(layer.finish(np.moveaxis(conv, -1, 1)), 1, -1)
+    return layer.finish(conv)
+
+
+def _to_storage(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind in "iu":
+        return array.astype(np.float32, copy=False)
+    return array.astype(dtype, copy=False)
+
+
+def upsample_file(
+    spec: LayerSpec,
+    input_path: str,
+    output_path: str,
+    *,
+    input_format: str | None = None,
+    output_format: str | None = None,
+    output_dtype: str = "float32",
+    memory_limit: int | None = None,
+    four_d_as_batch: bool = False,
+    compression: str | None = None,
+    engine: str = "auto",
+    tile_shape: tuple[int, int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Apply the spec's layer to one volume file and write the result atomically.
+
+    Parameters
+    ----------
+    spec : LayerSpec
+    input_path, output_path : str
+        Paths (``-`` for an .npy stream on stdin / stdout); HDF5 paths may end
+        in ``:/group/dataset``.
+    input_format, output_format : str, optional
+        "npy", "nifti" or "hdf5"; default from the extension.
+    output_dtype : str
+        One of :data:`OUTPUT_DTYPES`.
+    memory_limit : int, optional
+        Bytes the tiles in flight may use.
+    progress : callable, optional
+        Called as ``progress(done_voxels, total_voxels)`` after each tile.
+
+    Returns
+    -------
+    RunResult
+    """
+    started = time.perf_counter()
+    layer = spec.layer
+    with open_volume(input_path, input_format) as source:
+        spatial_first = source.format == "nifti"
+        out_is_nifti = _is_nifti_target(output_path, output_format)
+        affine = source.metadata.affine if source.metadata is not None else None
+        if affine is None and out_is_nifti:
+            affine = np.eye(4)
+        prepared = prepare(
+            spec,
+            tuple(source.shape),
+            spatial_first=spatial_first,
+            four_d_as_batch=four_d_as_batch,
+            input_affine=affine,
+            output_dtype=output_dtype,
+            memory_limit=memory_limit,
+            storage_order="F" if spatial_first else "C",
+            tile_shape=tile_shape,
+            output_spatial_first=out_is_nifti or spatial_first,
+        )
+        attrs = {
+            "conv3dt_layer": json.dumps(layer.get_config()),
+            "conv3dt_source": os.path.abspath(input_path) if input_path != "-" else "-",
+            "conv3dt_version": __version__,
+        }
+        out_layout = prepared.out_layout
+        writer = create_volume(
+            output_path,
+            out_layout.shape,
+            prepared.output_dtype,
+            output_format,
+            template=source.metadata,
+            affine=prepared.affine,
+            attrs=attrs,
+            compression=compression,
+        )
+        total = prepared.in_layout.batch * int(np.prod(prepared.plan.output_shape))
+        done = 0
+        with writer, ThreadPoolExecutor(max_workers=2) as pool:
+            jobs = [(b, tile) for b in range(prepared.in_layout.batch) for tile in prepared.plan]
+
+            def read(job: tuple[int, Tile]) -> np.ndarray:
+                sample, tile = job
+                box = prepared.in_layout.box(sample, tile.in_start, tile.in_stop)
+                return prepared.in_layout.to_canonical(source.read(box))
+
+            pending_read: Future | None = pool.submit(read, jobs[0]) if jobs else None
+            pending_write: Future | None = None
+            for index, (sample, tile) in enumerate(jobs):
+                assert pending_read is not None
+                x = pending_read.result()
+                pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
+                y = compute_tile(layer, prepared.plan.axes, x, tile, engine=engine)
+                stored = out_layout.from_canonical(_to_storage(y, prepared.output_dtype))
+                if pending_write is not None:
+                    pending_write.result()
+                box = out_layout.box(sample, tile.out_start, tile.out_stop)
+                pending_write = pool.submit(writer.write, box, stored)
+                done += int(np.prod(tile.out_shape))
+                if progress is not None:
+                    progress(done, total)
+            if pending_write is not None:
+                pending_write.result()
+            writer.commit()
+        input_shape = tuple(source.shape)
+    seconds = time.perf_counter() - started
+    return RunResult(
+        input=input_path,
+        output=output_path,
+        input_shape=input_shape,
+        output_shape=out_layout.shape,
+        dtype=str(prepared.output_dtype),
+        seconds=seconds,
+        voxels_per_second=total / seconds if seconds > 0 else float("inf"),
+        peak_memory_bytes=peak_rss_bytes(),
+        tiles=len(prepared.plan) * prepared.in_layout.batch,
+    )
+
+
+def _is_nifti_target(path: str, output_format: str | None) -> bool:
+    if output_format is not None:
+        return output_format == "nifti"
+    lowered = path.lower()
+    return lowered.endswith(".nii") or lowered.endswith(".nii.gz")

@@ -1,0 +1,290 @@
+"""Read a layer spec (YAML or JSON): Keras layer arguments, weight files and a seed.
+
+A spec looks like::
+
+    layer:                # Keras Conv3DTranspose arguments (layer.get_config() works as is)
+      filters: 8
+      kernel_size: 3
+      strides: 2
+      padding: same
+      activation: relu
+    weights:              # optional: without it the initializers draw the weights
+      kernel: kernel.npy  # .npy, file.npz:name or file.h5:/path, relative to the spec
+      bias: bias.npy
+      layout: keras       # keras (kd, kh, kw, filters, in) or torch (in, filters, kd, kh, kw)
+    seed: 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from conv3dt.layer import Conv3DTranspose
+
+__all__ = ["LayerSpec", "SpecError", "load_spec", "load_weight_array", "spec_from_layer"]
+
+_TOP_KEYS = ("layer", "weights", "seed")
+_WEIGHT_KEYS = ("kernel", "bias", "layout")
+
+
+class SpecError(ValueError):
+    """A spec file or one of its fields is invalid; the message names both."""
+
+
+@dataclass
+class LayerSpec:
+    """A layer ready to run, and where it came from.
+
+    Attributes
+    ----------
+    layer : Conv3DTranspose
+        Built when the spec gave weights; otherwise built on first use with ``seed``.
+    source : str
+        The spec or model file.
+    seed : int or None
+        Seed for initializers when weights are drawn.
+    """
+
+    layer: Conv3DTranspose
+    source: str
+    seed: int | None = None
+
+    def ensure_built(self, in_channels: int) -> None:
+        """Draw weights for ``in_channels`` input channels if none were loaded.
+
+        Raises
+        ------
+        SpecError
+            When loaded weights expect a different number of input channels.
+        """
+        layer = self.layer
+        if layer.built and layer.kernel is not None:
+            expected = layer.kernel.shape[-1]
+            if expected != in_channels:
+                raise SpecError(
+                    f"{self.source}: the layer's kernel expects {expected} input channel(s), "
+                    f"the volume has {in_channels}"
+                )
+            return
+        shape = (
+            (1, 1, 1, 1, in_channels)
+            if layer.data_format == "channels_last"
+            else (1, in_channels, 1, 1, 1)
+        )
+        layer.build(shape, seed=self.seed)
+
+
+def _read_document(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: spec file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read spec file ({exc})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def _split_reference(reference: str) -> tuple[str, str | None]:
+    """Split ``file.npz:name`` / ``file.h5:/path`` into the file and the inner name."""
+    lowered = reference.lower()
+    for ext in (".npz", ".h5", ".hdf5"):
+        marker = ext + ":"
+        index = lowered.find(marker)
+        if index != -1:
+            cut = index + len(ext)
+            return reference[:cut], reference[cut + 1 :]
+    return reference, None
+
+
+def load_weight_array(reference: str, base_dir: Path, field: str, spec_path: Path) -> np.ndarray:
+    """Load one weight array named in a spec.
+
+    Parameters
+    ----------
+    reference : str
+        ``file.npy``, ``file.npz:name`` or ``file.h5:/dataset``; relative paths
+        are relative to ``base_dir`` (the spec's directory).
+    field : str
+        The spec field, for error messages (e.g. ``weights.kernel``).
+    """
+    file_part, inner = _split_reference(reference)
+    path = Path(file_part)
+    if not path.is_absolute():
+        path = base_dir / path
+    where = f"{spec_path}: {field}"
+    if not path.exists():
+        raise SpecError(f"{where}: weight file {path} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = list(archive.files)
+                if inner is None:
+                    if len(names) != 1:
+                        raise SpecError(
+                            f"{where}: {path} holds {names}; name one as {path.name}:NAME"
+                        )
+                    inner = names[0]
+                if inner not in names:
+                    raise SpecError(f"{where}: {path} has no array {inner!r}; it holds {names}")
+                return archive[inner]
+        if suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                datasets: list[str] = []
+                handle.visititems(
+                    lambda name, obj: (
+                        datasets.append("/" + name) if isinstance(obj, h5py.Dataset) else None
+                    )
+                )
+                if inner is None:
+                    if len(datasets) != 1:
+                        raise SpecError(
+                            f"{where}: {path} holds datasets {datasets}; name one as "
+                            f"{path.name}:/DATASET"
+                        )
+                    inner = datasets[0]
+                if inner not in handle or not isinstance(handle[inner], h5py.Dataset):
+                    raise SpecError(
+                        f"{where}: {path} has no dataset {inner!r}; it holds {datasets}"
+                    )
+                return handle[inner][()]
+    except SpecError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SpecError(f"{where}: cannot read {path}: {exc}") from None
+    raise SpecError(f"{where}: unsupported weight file {path}; expected .npy, .npz or .h5")
+
+
+def _to_keras_layout(kernel: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "torch":
+        # torch ConvTranspose3d stores (in_channels, filters, kd, kh, kw).
+        return np.ascontiguousarray(np.transpose(kernel, (2, 3, 4, 1, 0)))
+    return kernel
+
+
+def load_spec(path: str | os.PathLike) -> LayerSpec:
+    """Read a YAML or JSON spec into a :class:`LayerSpec`.
+
+    Raises
+    ------
+    SpecError
+        With the file, the field and what was expected, for anything invalid.
+    """
+    spec_path = Path(path)
+    document = _read_document(spec_path)
+    if not isinstance(document, dict):
+        raise SpecError(f"{spec_path}: expected a mapping with a 'layer' key at the top level")
+    unknown = sorted(set(document) - set(_TOP_KEYS))
+    if unknown:
+        raise SpecError(
+            f"{spec_path}: unknown top-level key(s) {unknown}; expected {list(_TOP_KEYS)}"
+        )
+    config = document.get("layer")
+    if not isinstance(config, dict):
+        raise SpecError(
+            f"{spec_path}: field 'layer' must be a mapping of Conv3DTranspose arguments"
+        )
+    seed = document.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise SpecError(f"{spec_path}: field 'seed' must be a non-negative integer, got {seed!r}")
+    if "filters" not in config or "kernel_size" not in config:
+        raise SpecError(f"{spec_path}: field 'layer' needs 'filters' and 'kernel_size'")
+    try:
+        layer = Conv3DTranspose.from_config(dict(config))
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{spec_path}: layer: {exc}") from None
+    weights = document.get("weights")
+    if weights is not None:
+        _apply_weights(layer, weights, spec_path)
+    return LayerSpec(layer=layer, source=str(spec_path), seed=seed)
+
+
+def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> None:
+    if not isinstance(weights, dict):
+        raise SpecError(
+            f"{spec_path}: field 'weights' must be a mapping with 'kernel' (and 'bias')"
+        )
+    unknown = sorted(set(weights) - set(_WEIGHT_KEYS))
+    if unknown:
+        raise SpecError(
+            f"{spec_path}: unknown key(s) {unknown} in 'weights'; expected {list(_WEIGHT_KEYS)}"
+        )
+    layout = weights.get("layout", "keras")
+    if layout not in ("keras", "torch"):
+        raise SpecError(f"{spec_path}: weights.layout must be 'keras' or 'torch', got {layout!r}")
+    if not isinstance(weights.get("kernel"), str):
+        raise SpecError(f"{spec_path}: weights.kernel must name a weight file")
+    base = spec_path.parent
+    kernel = load_weight_array(weights["kernel"], base, "weights.kernel", spec_path)
+    if kernel.ndim != 5:
+        raise SpecError(f"{spec_path}: weights.kernel must be 5D, got shape {kernel.shape}")
+    kernel = _to_keras_layout(kernel, layout)
+    arrays = [kernel]
+    bias_ref = weights.get("bias")
+    if layer.use_bias:
+        if bias_ref is None:
+            arrays.append(np.zeros(layer.filters, dtype=np.float32))
+        else:
+            if not isinstance(bias_ref, str):
+                raise SpecError(f"{spec_path}: weights.bias must name a weight file")
+            arrays.append(load_weight_array(bias_ref, base, "weights.bias", spec_path))
+    elif bias_ref is not None:
+        raise SpecError(f"{spec_path}: weights.bias is given but layer.use_bias is false")
+    for name, array in zip(("kernel", "bias"), arrays, strict=False):
+        if not np.issubdtype(array.dtype, np.number):
+            raise SpecError(f"{spec_path}: weights.{name} must be numeric, got dtype {array.dtype}")
+    expected = (*layer.kernel_size, layer.filters)
+    if kernel.shape[:4] != expected:
+        hint = (
+            " (weights.layout: torch expects (in, filters, kd, kh, kw))"
+            if layout == "keras"
+            else ""
+        )
+        raise SpecError(
+            f"{spec_path}: weights.kernel has shape {kernel.shape} in {layout} layout; "
+            f"expected {(*expected, 'in_channels')}{hint}"
+        )
+    try:
+        layer.set_weights(arrays)
+    except ValueError as exc:
+        raise SpecError(f"{spec_path}: weights: {exc}") from None
+
+
+def spec_from_layer(
+    layer: Conv3DTranspose, kernel_ref: str, bias_ref: str | None, seed: int | None
+) -> dict[str, Any]:
+    """A spec document (a dict ready for YAML) describing ``layer`` and its weight files."""
+    config = layer.get_config()
+    config = json.loads(json.dumps(config))
+    document: dict[str, Any] = {"layer": config}
+    weights: dict[str, Any] = {"kernel": kernel_ref}
+    if bias_ref is not None:
+        weights["bias"] = bias_ref
+    weights["layout"] = "keras"
+    document["weights"] = weights
+    if seed is not None:
+        document["seed"] = seed
+    return document
