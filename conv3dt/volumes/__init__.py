@@ -1,0 +1,265 @@
+"""Volumes on disk: open one to read boxes, create one to write boxes.
+
+Formats are chosen from the file name unless given: ``.npy`` (``"npy"``),
+``.nii`` / ``.nii.gz`` (``"nifti"``), ``.h5`` / ``.hdf5`` (``"hdf5"``, with
+``file.h5:/group/dataset`` naming a dataset). The path ``"-"`` is a ``.npy``
+stream on standard input (reading) or standard output (writing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from conv3dt.volumes.base import (
+    Box,
+    VolumeError,
+    VolumeMetadata,
+    VolumeReader,
+    VolumeWriter,
+)
+from conv3dt.volumes.hdf5 import Hdf5Reader, Hdf5Writer, split_hdf5_path
+from conv3dt.volumes.nifti import NIFTI_DTYPES, NiftiReader, NiftiWriter
+from conv3dt.volumes.npy import NpyReader, NpyStreamReader, NpyStreamWriter, NpyWriter
+
+__all__ = [
+    "FORMATS",
+    "Box",
+    "VolumeError",
+    "VolumeMetadata",
+    "VolumeReader",
+    "VolumeWriter",
+    "create_volume",
+    "describe",
+    "detect_format",
+    "open_volume",
+]
+
+FORMATS = ("npy", "hdf5", "nifti")
+_EXTENSIONS = {
+    ".npy": "npy",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+}
+_FLOAT_DTYPES = tuple(np.dtype(t) for t in ("float32", "float16", "float64"))
+
+
+def detect_format(path: str) -> str:
+    """The format a path's extension names (HDF5 paths may carry ``:/dataset``).
+
+    Raises
+    ------
+    VolumeError
+        When the extension is none of ``.npy``, ``.nii``, ``.nii.gz``, ``.h5``, ``.hdf5``.
+    """
+    if path == "-":
+        return "npy"
+    file_path = split_hdf5_path(path)[0] if ":" in path else path
+    lowered = file_path.lower()
+    for extension in sorted(_EXTENSIONS, key=len, reverse=True):
+        if lowered.endswith(extension):
+            return _EXTENSIONS[extension]
+    raise VolumeError(
+        f"{path}: unknown volume format; supported extensions are {', '.join(_EXTENSIONS)} "
+        "(or give the format explicitly)"
+    )
+
+
+def _check_format(format: str | None, path: str) -> str:
+    if format is None:
+        return detect_format(path)
+    if format not in FORMATS:
+        raise ValueError(f"`format` must be one of {FORMATS}. Received format={format!r}")
+    if path == "-" and format != "npy":
+        raise ValueError(f"`format` must be 'npy' for the path '-'. Received format={format!r}")
+    return format
+
+
+def open_volume(path: str, format: str | None = None) -> VolumeReader:
+    """Open a volume for reading boxes.
+
+    Parameters
+    ----------
+    path : str
+        A file path; ``file.h5:/group/dataset`` for an HDF5 dataset; ``"-"`` for a
+        ``.npy`` stream on standard input (read fully into memory).
+    format : {"npy", "hdf5", "nifti"}, optional
+        Overrides the format the extension names.
+
+    Returns
+    -------
+    VolumeReader
+        Use as a context manager, or call ``close()``.
+
+    Raises
+    ------
+    VolumeError
+        When the format is unknown or the file is missing, truncated or corrupt;
+        for an HDF5 file with several datasets and none named, the message lists them.
+    """
+    format = _check_format(format, path)
+    if path == "-":
+        return NpyStreamReader()
+    if format == "npy":
+        return NpyReader(path)
+    if format == "hdf5":
+        return Hdf5Reader(path)
+    return NiftiReader(path)
+
+
+def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    message = f"`shape` must be a tuple of ints >= 0. Received shape={shape!r}"
+    try:
+        values = tuple(int(n) for n in shape)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if any(v < 0 for v in values) or values != tuple(shape):
+        raise ValueError(message)
+    return values
+
+
+def create_volume(
+    path: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    format: str | None = None,
+    *,
+    template: VolumeMetadata | None = None,
+    affine: np.ndarray | None = None,
+    attrs: dict[str, Any] | None = None,
+    compression: str | None = None,
+    chunks: tuple[int, ...] | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> VolumeWriter:
+    """Create a volume to be written box by box, under a temporary name until commit.
+
+    The temporary file ``.{name}.conv3dt-tmp-XXXXXXXX`` sits beside the target;
+    ``commit()`` renames it onto the target (replacing any file there: callers
+    decide about overwriting), ``abort()`` removes it. As a context manager the
+    writer commits at the end of the block and aborts if the block raises.
+
+    Parameters
+    ----------
+    path : str
+        The target; ``file.h5:/group/dataset`` names the HDF5 dataset (default
+        ``/data``); ``"-"`` writes a ``.npy`` stream to standard output at commit.
+    shape : tuple of int
+        The array shape on disk (NIfTI: ``(i, j, k)`` or ``(i, j, k, c)``).
+    dtype : dtype-like
+        float32, float16 or float64; NIfTI also int16 and uint8 (stored with
+        ``scl_slope`` / ``scl_inter``), and no float16.
+    format : {"npy", "hdf5", "nifti"}, optional
+        Overrides the format the extension names.
+    template : VolumeMetadata, optional
+        The input's metadata: NIfTI copies its header, HDF5 its attributes.
+    affine : numpy.ndarray, optional
+        The output's 4x4 voxel-to-world matrix (NIfTI qform and sform, HDF5
+        ``affine`` attribute). Without it a template's affine is kept as is.
+    attrs : dict, optional
+        Provenance to record: HDF5 dataset attributes, a JSON comment extension
+        in NIfTI; ``.npy`` has no place for metadata and drops it (and the affine).
+    compression : {None, "gzip", "lzf"}
+        HDF5 only.
+    chunks : tuple of int, optional
+        HDF5 only; None lets h5py choose.
+    value_range : (float, float), optional
+        Integer NIfTI only: the data range, to choose the scaling before any box
+        arrives; without it the data is buffered in memory until commit.
+
+    Returns
+    -------
+    VolumeWriter
+
+    Raises
+    ------
+    ValueError
+        For a bad argument (the message names it).
+    VolumeError
+        When the format cannot store the dtype, or the target's directory is
+        missing or not writable.
+    """
+    format = _check_format(format, path)
+    shape = _check_shape(shape)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"`dtype` is not a NumPy dtype. Received dtype={dtype!r}") from None
+    allowed = NIFTI_DTYPES if format == "nifti" else _FLOAT_DTYPES
+    if dtype not in allowed:
+        raise VolumeError(
+            f"{path}: {format} output cannot be written as dtype={dtype}; "
+            f"expected one of {', '.join(str(d) for d in allowed)}"
+        )
+    if format != "hdf5" and (compression is not None or chunks is not None):
+        raise ValueError(
+            f"`compression` and `chunks` apply to HDF5 only. Received compression="
+            f"{compression!r}, chunks={chunks!r} for {format} output"
+        )
+    template = template or VolumeMetadata()
+    if path == "-":
+        return NpyStreamWriter(shape, dtype)
+    if format == "npy":
+        return NpyWriter(path, shape, dtype)
+    if format == "hdf5":
+        return Hdf5Writer(
+            path,
+            shape,
+            dtype,
+            template_attrs=template.attrs,
+            affine=affine,
+            attrs=attrs,
+            chunks=chunks,
+            compression=compression,
+        )
+    return NiftiWriter(
+        path,
+        shape,
+        dtype,
+        template_header=template.nifti_header,
+        affine=affine,
+        attrs=attrs,
+        value_range=value_range,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Python numbers and lists instead of NumPy scalars and arrays (for JSON)."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def describe(reader: VolumeReader) -> dict[str, Any]:
+    """A JSON-ready summary of an open volume, for ``conv3dt info``.
+
+    Returns
+    -------
+    dict
+        ``path``, ``format``, ``shape`` (list), ``dtype`` (what reads return),
+        ``voxel_size`` (list or None), ``affine`` (nested lists or None) and, by
+        format: ``stored_dtype``, ``scaling`` (``{"slope", "inter"}`` or None
+        when unscaled) and ``axis_codes`` (e.g. ``["R", "A", "S"]``) for NIfTI;
+        ``dataset`` and ``datasets`` (every dataset in the file) for HDF5.
+    """
+    metadata = reader.metadata
+    info: dict[str, Any] = {
+        "path": reader.path,
+        "format": reader.format,
+        "shape": list(reader.shape),
+        "dtype": str(reader.dtype),
+        "voxel_size": None if metadata.voxel_size is None else list(metadata.voxel_size),
+        "affine": None if metadata.affine is None else metadata.affine.tolist(),
+    }
+    if reader.format == "nifti" and metadata.nifti_header is not None:
+        header = metadata.nifti_header
+        slope, inter = header.get_slope_inter()
+        info["stored_dtype"] = str(header.get_data_dtype())
+        identity = slope in (None, 1.0) and inter in (None, 0.0)
+        info["scaling"] = None if identity else {"slope": _plain(slope), "inter": _plain(inter)}
+        info["axis_codes"] = list(nib.aff2axcodes(metadata.affine))
+    if reader.format == "hdf5":
+        info["dataset"] = metadata.dataset
+        info["datasets"] = list(getattr(reader, "datasets", []))
+    return info

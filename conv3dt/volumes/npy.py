@@ -1,0 +1,203 @@
+"""NumPy ``.npy`` volumes: positional box reads and writes, never a pickle.
+
+A ``.npy`` file is a small text header followed by one raw array, so a box is a
+set of byte runs at computable offsets: reads use ``os.pread`` and writes
+``os.pwrite`` of only those runs, keeping memory near the box size. The path
+``"-"`` reads a whole ``.npy`` stream from standard input, or buffers the output
+and writes it to standard output at commit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from typing import BinaryIO
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from conv3dt.volumes.base import (
+    Box,
+    VolumeError,
+    VolumeReader,
+    VolumeWriter,
+    pwrite_all,
+    read_raw_box,
+    write_raw_box,
+)
+
+__all__ = ["NpyReader", "NpyStreamReader", "NpyStreamWriter", "NpyWriter"]
+
+
+def _check_dtype(dtype: np.dtype, label: str) -> None:
+    if dtype.hasobject:
+        raise VolumeError(
+            f"{label}: the array holds Python objects, which would need unpickling; "
+            "conv3dt never unpickles files"
+        )
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.shape:
+        raise VolumeError(f"{label}: unsupported dtype {dtype}; expected a numeric array")
+
+
+def _read_header(fileobj: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Parse the header (a Python literal, never a pickle); leave the file after it."""
+    version = npformat.read_magic(fileobj)
+    if version == (1, 0):
+        return npformat.read_array_header_1_0(fileobj)
+    if version in ((2, 0), (3, 0)):
+        # Version 3.0 only changes the header's text encoding to UTF-8, which
+        # matters for structured field names alone, and those are refused anyway.
+        return npformat.read_array_header_2_0(fileobj)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def header_bytes(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The ``.npy`` header of a C-order array (padded so the data is 64-byte aligned)."""
+    buffer = io.BytesIO()
+    header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    npformat.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+class NpyReader(VolumeReader):
+    """Read boxes of a ``.npy`` file with positional reads (C or Fortran order, any endianness)."""
+
+    format = "npy"
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        try:
+            self._file = open(path, "rb")
+        except OSError as exc:
+            raise VolumeError(f"cannot open {path}: {exc.strerror or exc}") from None
+        try:
+            self._parse()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse(self) -> None:
+        try:
+            shape, fortran_order, file_dtype = _read_header(self._file)
+        except (ValueError, EOFError, SyntaxError) as exc:
+            raise VolumeError(f"{self.path}: not a valid .npy file: {exc}") from None
+        _check_dtype(file_dtype, self.path)
+        self._offset = self._file.tell()
+        needed = self._offset + int(np.prod(shape)) * file_dtype.itemsize
+        size = os.fstat(self._file.fileno()).st_size
+        if size < needed:
+            raise VolumeError(
+                f"{self.path}: truncated .npy file: its data needs {needed} bytes "
+                f"but the file has {size}"
+            )
+        self.shape = tuple(shape)
+        self.dtype = file_dtype.newbyteorder("=")
+        self._file_dtype = file_dtype
+        self._fortran = fortran_order
+        # Fortran order is C order of the reversed axes.
+        self._file_shape = self.shape[::-1] if fortran_order else self.shape
+
+    def _read(self, box: Box) -> np.ndarray:
+        file_box = box[::-1] if self._fortran else box
+        try:
+            array = read_raw_box(
+                self._file.fileno(), self._offset, self._file_shape, self._file_dtype, file_box
+            )
+        except (OSError, EOFError) as exc:
+            raise VolumeError(f"{self.path}: cannot read box {box}: {exc}") from None
+        return array.T if self._fortran else array
+
+    def _close(self) -> None:
+        self._file.close()
+
+
+class NpyStreamReader(VolumeReader):
+    """A ``.npy`` stream (standard input by default), read fully into memory."""
+
+    format = "npy"
+
+    def __init__(self, stream: BinaryIO | None = None, path: str = "-") -> None:
+        super().__init__(path)
+        label = "<stdin>" if path == "-" else path
+        source = sys.stdin.buffer if stream is None else stream
+        try:
+            data = source.read()
+            array = npformat.read_array(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, EOFError, OSError, SyntaxError) as exc:
+            raise VolumeError(f"{label}: not a valid .npy stream: {exc}") from None
+        _check_dtype(array.dtype, label)
+        self._array = array
+        self.shape = array.shape
+        self.dtype = array.dtype.newbyteorder("=")
+
+    def _read(self, box: Box) -> np.ndarray:
+        return self._array[box]
+
+    def _close(self) -> None:
+        self._array = None
+
+
+class NpyWriter(VolumeWriter):
+    """Write a C-order ``.npy`` file box by box with positional writes."""
+
+    format = "npy"
+
+    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._fd: int | None = None
+        super().__init__(path, shape, dtype)
+
+    def _open(self) -> None:
+        header = header_bytes(self.shape, self.dtype)
+        self._offset = len(header)
+        self._fd = self._create_temp()
+        pwrite_all(self._fd, header, 0)
+        # Size the file up front (sparse); boxes then land at their offsets.
+        os.ftruncate(self._fd, self._offset + int(np.prod(self.shape)) * self.dtype.itemsize)
+
+    def _write(self, box: Box, array: np.ndarray) -> None:
+        write_raw_box(self._fd, self._offset, self.shape, self.dtype, box, array)
+
+    def _finish(self) -> None:
+        os.fsync(self._fd)
+        fd, self._fd = self._fd, None
+        os.close(fd)
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class NpyStreamWriter(VolumeWriter):
+    """Buffer the whole array in memory and write it as ``.npy`` to a stream at commit."""
+
+    format = "npy"
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: np.dtype, stream: BinaryIO | None = None
+    ) -> None:
+        self._stream = stream
+        self._buffer: np.ndarray | None = None
+        super().__init__("-", shape, dtype)
+
+    def _label(self) -> str:
+        return "<stdout>"
+
+    def _open(self) -> None:
+        self._buffer = np.zeros(self.shape, dtype=self.dtype)
+
+    def _write(self, box: Box, array: np.ndarray) -> None:
+        self._buffer[box] = array
+
+    def _finish(self) -> None:
+        stream = sys.stdout.buffer if self._stream is None else self._stream
+        npformat.write_array(stream, self._buffer, allow_pickle=False)
+        stream.flush()
+        self._buffer = None
+
+    def _discard(self) -> None:
+        self._buffer = None
