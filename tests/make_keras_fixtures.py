@@ -14,7 +14,8 @@ sequential.keras, sequential.weights.h5, sequential.json (``model.to_json()``)
 functional.keras, functional.h5 (legacy HDF5 format)
     Input "volume" feeding three Conv3DTranspose layers: "up_cf"
     (channels_first), "up_dil" (dilation 2, no bias) and "inner_up" inside a
-    nested Sequential model "decoder", plus a Conv3D "conv".
+    nested Sequential model "decoder" (followed there by a Conv3D "inner_conv"),
+    plus a Conv3D "conv".
 <layer>.npz
     For each Conv3DTranspose layer: ``input``, ``output`` (Keras's output of
     that layer on ``input``), ``kernel`` and, with a bias, ``bias``.
@@ -99,6 +100,7 @@ def functional_model() -> keras.Model:
         [
             keras.Input((*SPATIAL, CHANNELS)),
             keras.layers.Conv3DTranspose(2, 2, strides=2, name="inner_up"),
+            keras.layers.Conv3D(1, 1, name="inner_conv"),
         ],
         name="decoder",
     )
