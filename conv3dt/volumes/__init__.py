@@ -226,11 +226,6 @@ def create_volume(
     )
 
 
-def _plain(value: Any) -> Any:
-    """Python numbers and lists instead of NumPy scalars and arrays (for JSON)."""
-    return value.tolist() if hasattr(value, "tolist") else value
-
-
 def describe(reader: VolumeReader) -> dict[str, Any]:
     """A JSON-ready summary of an open volume, for ``conv3dt info``.
 
@@ -252,14 +247,13 @@ def describe(reader: VolumeReader) -> dict[str, Any]:
         "voxel_size": None if metadata.voxel_size is None else list(metadata.voxel_size),
         "affine": None if metadata.affine is None else metadata.affine.tolist(),
     }
-    if reader.format == "nifti" and metadata.nifti_header is not None:
-        header = metadata.nifti_header
-        slope, inter = header.get_slope_inter()
-        info["stored_dtype"] = str(header.get_data_dtype())
-        identity = slope in (None, 1.0) and inter in (None, 0.0)
-        info["scaling"] = None if identity else {"slope": _plain(slope), "inter": _plain(inter)}
+    if isinstance(reader, NiftiReader):
+        slope, inter = reader.scaling
+        info["stored_dtype"] = str(reader.stored_dtype)
+        identity = (slope, inter) == (1.0, 0.0)
+        info["scaling"] = None if identity else {"slope": slope, "inter": inter}
         info["axis_codes"] = list(nib.aff2axcodes(metadata.affine))
-    if reader.format == "hdf5":
+    if isinstance(reader, Hdf5Reader):
         info["dataset"] = metadata.dataset
-        info["datasets"] = list(getattr(reader, "datasets", []))
+        info["datasets"] = list(reader.datasets)
     return info

@@ -56,7 +56,7 @@ class VolumeMetadata:
     affine : numpy.ndarray or None
         4x4 float64 voxel-to-world matrix, or None when the format has none.
     voxel_size : tuple of float or None
-        Spatial voxel sizes (NIfTI pixdim, else column norms of the affine).
+        Voxel sizes along the first three axes: the column norms of ``affine``.
     attrs : dict
         HDF5 dataset attributes (empty for other formats).
     nifti_header : nibabel header or None

@@ -21,6 +21,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
+from conv3dt.volumes.affine import voxel_sizes
 from conv3dt.volumes.base import (
     Box,
     VolumeError,
@@ -46,8 +47,10 @@ class NiftiReader(VolumeReader):
     """Read boxes of a NIfTI-1 or NIfTI-2 image, with its scaling applied.
 
     :attr:`dtype` is float64 when the stored data is float64, float32 otherwise.
-    A ``.nii.gz`` is decompressed from its start up to the box for every read
-    that goes backwards in the file, so read such files in increasing ``k``.
+    :attr:`stored_dtype` is the dtype on disk and :attr:`scaling` the
+    ``(slope, inter)`` that reads apply. A ``.nii.gz`` is decompressed from its
+    start up to the box for every read that goes backwards in the file, so read
+    such files in increasing ``k``.
     """
 
     format = "nifti"
@@ -78,9 +81,13 @@ class NiftiReader(VolumeReader):
         self.shape = tuple(int(n) for n in image.shape)
         self.dtype = np.dtype(np.float64 if stored == np.float64 else np.float32)
         self.stored_dtype = stored
+        # nibabel moves the scaling from the header to the proxy when loading.
+        self.scaling = (float(image.dataobj.slope), float(image.dataobj.inter))
+        affine = np.array(image.affine, dtype=np.float64)
         self.metadata = VolumeMetadata(
-            affine=np.array(image.affine, dtype=np.float64),
-            voxel_size=tuple(float(z) for z in header.get_zooms()[:3]),
+            affine=affine,
+            # From the affine nibabel chose (sform, qform or pixdim), so the two agree.
+            voxel_size=voxel_sizes(affine),
             nifti_header=header.copy(),
         )
 

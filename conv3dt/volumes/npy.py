@@ -80,7 +80,7 @@ class NpyReader(VolumeReader):
     def _parse(self) -> None:
         try:
             shape, fortran_order, file_dtype = _read_header(self._file)
-        except (ValueError, EOFError, SyntaxError) as exc:
+        except Exception as exc:  # numpy's header parser raises several types on garbage
             raise VolumeError(f"{self.path}: not a valid .npy file: {exc}") from None
         _check_dtype(file_dtype, self.path)
         self._offset = self._file.tell()
@@ -124,7 +124,7 @@ class NpyStreamReader(VolumeReader):
         try:
             data = source.read()
             array = npformat.read_array(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, EOFError, OSError, SyntaxError) as exc:
+        except Exception as exc:  # numpy's header parser raises several types on garbage
             raise VolumeError(f"{label}: not a valid .npy stream: {exc}") from None
         _check_dtype(array.dtype, label)
         self._array = array
