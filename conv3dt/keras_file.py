@@ -20,12 +20,12 @@ external links, external and virtual datasets are refused, as Keras refuses them
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
 import os
 import re
+import reprlib
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -48,7 +48,6 @@ CLASS_NAMES = ("Conv3DTranspose", "Convolution3DTranspose")
 
 _CONFIG_MEMBER = "config.json"
 _WEIGHTS_MEMBER = "model.weights.h5"
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # A config larger than this is not a model config; refusing it keeps a
 # malicious archive from exhausting memory.
@@ -72,9 +71,9 @@ class _Entry:
 
     name: str
     qualified: str  # enclosing model names and the layer name, joined by "/"
-    class_name: str
+    kind: str  # what it is, for messages: "class Conv3D"
     config: dict[str, Any] | None
-    weights_path: str  # the layer's group in a Keras 3 weights file ("" for the root)
+    weights_path: str  # the layer's group in a Keras 3 weights file
     top_level: str  # the name of the top-level layer holding it (legacy HDF5 groups)
     is_transpose: bool
 
@@ -196,7 +195,7 @@ def load_layer(
     elif layer_config is not None:
         raise ValueError(
             f"Argument `layer_config` is only for weights-only files; {os.fspath(path)!r} "
-            f"has the layer's config. Received: layer_config={dict(layer_config)!r}"
+            f"has the layer's config. Received: layer_config={reprlib.repr(layer_config)}"
         )
     layer = Conv3DTranspose.from_config(_constructor_config(config, path))
     try:
@@ -264,7 +263,7 @@ def _walk_layers(
         yield _Entry(
             name=name,
             qualified="/".join((*models, name)),
-            class_name=class_name,
+            kind=f"class {class_name}",
             config=(config if isinstance(config, dict) else {}) if transpose else None,
             weights_path=path,
             top_level=top,
@@ -278,21 +277,6 @@ def _walk_layers(
 def _model_entries(model_config: Any) -> list[_Entry]:
     if not isinstance(model_config, dict):
         return []
-    if _is_transpose(model_config):
-        # The file's top-level object is the layer itself.
-        config = model_config.get("config")
-        name = _layer_name(model_config)
-        return [
-            _Entry(
-                name,
-                name,
-                model_config["class_name"],
-                config if isinstance(config, dict) else {},
-                "",
-                "",
-                True,
-            )
-        ]
     layers = _inner_layers(model_config.get("config"))
     return [] if layers is None else list(_walk_layers(layers, "", (), None))
 
@@ -302,7 +286,7 @@ def _without_sharing_ids(value: Any) -> Any:
         return {k: _without_sharing_ids(v) for k, v in value.items() if k != "shared_object_id"}
     if isinstance(value, list):
         return [_without_sharing_ids(v) for v in value]
-    return copy.copy(value)
+    return value
 
 
 def _constructor_config(config: Mapping[str, Any], path: str | os.PathLike[str]) -> dict:
@@ -346,7 +330,7 @@ class _H5:
         """The group at ``path`` (relative to ``parent``), or None when absent."""
         node = self.file if parent is None else parent
         for part in (p for p in path.split("/") if p):
-            node = self._child(node, part, path)
+            node = self.child(node, part, path)
             if node is None:
                 return None
             if not isinstance(node, h5py.Group):
@@ -357,7 +341,7 @@ class _H5:
         """The array stored at ``path`` under ``parent``."""
         head, _, key = path.rpartition("/")
         group = self.group(head, parent) if head else parent
-        node = None if group is None else self._child(group, key, path)
+        node = None if group is None else self.child(group, key, path)
         if node is None:
             raise KerasFileError(f"{self.where}: weights entry {path!r} is missing.")
         if not isinstance(node, h5py.Dataset):
@@ -385,7 +369,8 @@ class _H5:
             data = bits.view(np.float32)
         return data
 
-    def _child(self, parent: h5py.Group, name: str, path: str) -> Any:
+    def child(self, parent: h5py.Group, name: str, path: str) -> Any:
+        """``parent[name]`` when it is a hard link, None when absent; ``path`` names it."""
         try:
             link = parent.get(name, getlink=True)
         except (OSError, RuntimeError, KeyError) as error:
@@ -414,21 +399,19 @@ class _Keras3Weights:
 
         def visit(group: h5py.Group, path: str) -> None:
             for key in group:
-                child = self.h5.group(key, group)
-                if child is None:
+                child = self.h5.child(group, key, f"{path}/{key}")
+                if not isinstance(child, h5py.Group):
                     continue
-                child_path = f"{path}/{key}" if path else key
-                if key == "vars":
+                if key != "vars":
+                    visit(child, f"{path}/{key}" if path else key)
+                elif path:  # the model's own variables sit at the root
                     label = _text(child.attrs.get("name", path))
-                    kind = path.rpartition("/")[2]
-                    transpose = _TRANSPOSE_GROUP.match(kind) is not None
+                    transpose = _TRANSPOSE_GROUP.match(path.rpartition("/")[2]) is not None
+                    kind = f"stored under {path!r}"
                     entries.append(_Entry(label, path, kind, None, path, path, transpose))
-                else:
-                    visit(child, child_path)
 
         visit(self.h5.file, "")
-        # The model's own (usually empty) variables sit at the root.
-        return [e for e in entries if e.weights_path]
+        return entries
 
     def read(self, entry: _Entry) -> list[np.ndarray]:
         group = self._vars(entry)
@@ -442,11 +425,11 @@ class _Keras3Weights:
 
     def _vars(self, entry: _Entry) -> h5py.Group:
         tried = []
-        parts = entry.weights_path.split("/") if entry.weights_path else []
+        parts = entry.weights_path.split("/")
         # Keras 2.13-2.15 archives name the layer list "_layer_checkpoint_dependencies".
         renamed = ["_layer_checkpoint_dependencies" if p == "layers" else p for p in parts]
         for candidate in dict.fromkeys(("/".join(parts), "/".join(renamed))):
-            vars_path = f"{candidate}/vars" if candidate else "vars"
+            vars_path = f"{candidate}/vars"
             tried.append(vars_path)
             group = self.h5.group(vars_path)
             if group is None:
@@ -530,7 +513,7 @@ def _model_config_arg(model_config: Any) -> dict[str, Any]:
     else:
         raise ValueError(
             "Argument `model_config` must be a dict or the path of a JSON file. "
-            f"Received: model_config={model_config!r}"
+            f"Received: model_config={reprlib.repr(model_config)}"
         )
     if isinstance(config, dict) and "class_name" not in config and "layers" in config:
         # ``model.get_config()`` rather than the serialized model.
@@ -538,7 +521,7 @@ def _model_config_arg(model_config: Any) -> dict[str, Any]:
     if not isinstance(config, dict) or _inner_layers(config.get("config")) is None:
         raise ValueError(
             "Argument `model_config` must be a model config with a list of layers "
-            f"(as in model.to_json()). Received: model_config={model_config!r}"
+            f"(as in model.to_json()). Received: model_config={reprlib.repr(model_config)}"
         )
     return config
 
@@ -581,7 +564,7 @@ class _ModelFile:
         if self._model_config is not None:
             raise ValueError(
                 f"Argument `model_config` is only for weights-only files; {self.where} "
-                "has its own config. Received: model_config=<given>"
+                f"has its own config. Received: model_config={reprlib.repr(self._model_config)}"
             )
 
     def _open_archive(self) -> None:
@@ -719,7 +702,7 @@ class _ModelFile:
         if not entry.is_transpose:
             raise KerasFileError(
                 f"Layer {layer_name!r} in {self.where} is not a Conv3DTranspose "
-                f"(class {entry.class_name}). " + self._listing()
+                f"({entry.kind}). " + self._listing()
             )
         return entry
 

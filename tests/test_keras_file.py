@@ -55,6 +55,7 @@ def rewrite_archive(
     target: pathlib.Path,
     edit_config: Callable[[dict[str, Any]], None] | None = None,
     edit_weights: Callable[[h5py.File], None] | None = None,
+    compression: int = zipfile.ZIP_STORED,
 ) -> pathlib.Path:
     """Copy a .keras archive, changing its config.json and/or model.weights.h5."""
     with zipfile.ZipFile(source) as archive:
@@ -67,7 +68,7 @@ def rewrite_archive(
     if edit_weights is not None:
         with h5py.File(scratch, "r+") as file:
             edit_weights(file)
-    with zipfile.ZipFile(target, "w") as archive:
+    with zipfile.ZipFile(target, "w", compression) as archive:
         archive.writestr("config.json", json.dumps(config))
         archive.write(scratch, "model.weights.h5")
     return target
@@ -270,6 +271,16 @@ def test_user_class_with_keras_name_is_not_taken(tmp_path: pathlib.Path) -> None
     assert list_conv3d_transpose_layers(path) == ["up_dil", "inner_up"]
     with pytest.raises(KerasFileError, match="not a Conv3DTranspose"):
         load_keras_layer(path, "up_cf")
+
+
+def test_compressed_archive(tmp_path: pathlib.Path) -> None:
+    path = rewrite_archive(
+        FIXTURES / "functional.keras", tmp_path / "deflated.keras", compression=zipfile.ZIP_DEFLATED
+    )
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo("model.weights.h5").compress_type == zipfile.ZIP_DEFLATED
+    for layer in FILES["functional.keras"]["configs"]:
+        assert_same_weights(load_keras_layer(path, layer)[1], reference_weights(layer))
 
 
 def test_weights_found_by_path_without_name_attributes(tmp_path: pathlib.Path) -> None:
@@ -481,6 +492,15 @@ def test_unreadable_files(tmp_path: pathlib.Path, content: bytes) -> None:
     path.write_bytes(content)
     with pytest.raises(KerasFileError, match=r"model\.keras"):
         load_keras_layer(path, "up")
+
+
+def test_bad_arguments_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="layer_name"):
+        load_keras_layer(FIXTURES / "sequential.keras", 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model_config"):
+        load_keras_layer(FIXTURES / "sequential.weights.h5", model_config=["up"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model_config"):
+        load_keras_layer(FIXTURES / "sequential.weights.h5", model_config={"name": "seq"})
 
 
 def test_missing_file(tmp_path: pathlib.Path) -> None:
