@@ -94,10 +94,11 @@ def load_keras_layer(
     layer_name : str, optional
         The layer's name, anywhere in the model (nested models included). A
         name used in several nested models is told apart by prefixing the names
-        of the models that hold it, joined by "/" (``"decoder/up"``). Without a
-        config, the layer's group in the weights file (``"layers/conv3d_transpose"``)
-        is also accepted. May be omitted when the file holds exactly one
-        Conv3DTranspose layer.
+        of the models that hold it, joined by "/" (``"decoder/up"``). The layer's
+        group in a Keras 3 weights file (``"layers/conv3d_transpose"``) is
+        accepted too, which is how a weights-only file read without config names
+        layers when it does not record their names. May be omitted when the file
+        holds exactly one Conv3DTranspose layer.
     model_config : mapping or path, optional
         Only for weights-only files: the model's config, as a dict (the JSON of
         ``model.to_json()`` or of a ``.keras`` archive's ``config.json``) or the
@@ -122,7 +123,8 @@ def load_keras_layer(
         layer's weights, or has no Conv3DTranspose layer by that name (the
         message lists the ones it has).
     ValueError
-        ``model_config`` given for a file that has its own config.
+        ``layer_name`` not a string; ``model_config`` not a model config, or
+        given for a file that has its own config.
     """
     with _ModelFile(path, model_config) as model:
         entry = model.find(layer_name)
@@ -170,7 +172,9 @@ def load_layer(
     Returns
     -------
     Conv3DTranspose
-        Built, with the file's weights.
+        Built, with the file's weights. Keras 2 configs lose the arguments that
+        only described the model's input (``batch_input_shape`` and the like)
+        and ``groups=1``, which Keras 3's layer no longer takes.
 
     Raises
     ------
@@ -178,7 +182,9 @@ def load_layer(
         As for :func:`load_keras_layer`; also when no config is available, or
         when the file's weights do not fit its config.
     ValueError
-        ``layer_config`` given for a file that has the layer's config.
+        As for :func:`load_keras_layer`; also ``layer_config`` given for a file
+        that has the layer's config, and what ``Conv3DTranspose.from_config``
+        refuses.
     """
     # Imported here so that reading files works even where the layer's own
     # dependencies are not importable.
