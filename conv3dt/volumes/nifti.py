@@ -70,7 +70,7 @@ class NiftiReader(VolumeReader):
         if stored.kind not in "biuf" or stored.fields is not None:
             raise VolumeError(f"{path}: unsupported NIfTI data type {stored}; expected numbers")
         if not path.lower().endswith(".gz"):
-            needed = int(header.get_data_offset()) + int(np.prod(image.shape)) * stored.itemsize
+            needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * stored.itemsize
             size = os.path.getsize(path)
             if size < needed:
                 raise VolumeError(
