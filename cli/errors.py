@@ -24,9 +24,16 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_code_for(error: BaseException) -> int:
-    """2 for invalid specs, inputs and arguments (ValueError); 130 for interrupts; else 1."""
+    """2 for invalid specs, inputs and arguments (ValueError); 130 for interrupts; else 1.
+
+    An exception class may set ``exit_code`` itself (a failed write is a
+    ValueError of the volume layer but a runtime failure).
+    """
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    declared = getattr(error, "exit_code", None)
+    if isinstance(declared, int):
+        return declared
     if isinstance(error, ValueError):
         return EXIT_INVALID
     return EXIT_FAILURE

@@ -91,9 +91,17 @@ def write_spec(
     layer.build(shape, seed=seed)
     assert layer.kernel is not None
     document = spec_from_layer(layer, kernel_path.name, bias_path.name if bias_path else None, seed)
-    _atomic_write(kernel_path, lambda p: np.save(open(p, "wb"), layer.kernel))
+
+    def saver(array: np.ndarray):
+        def save(target: Path) -> None:
+            with open(target, "wb") as handle:
+                np.save(handle, array)
+
+        return save
+
+    _atomic_write(kernel_path, saver(layer.kernel))
     if bias_path is not None:
-        _atomic_write(bias_path, lambda p: np.save(open(p, "wb"), layer.bias))
+        _atomic_write(bias_path, saver(layer.bias))
     if path.suffix.lower() == ".json":
         text = json.dumps(document, indent=2) + "\n"
     else:
