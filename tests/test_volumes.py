@@ -134,8 +134,11 @@ def test_npy_any_order_and_endianness_reads_native(tmp_path, order, byteorder):
 
 
 @pytest.mark.parametrize("slack", [0, 1 << 30])
-def test_npy_reads_runs_or_whole_spans_alike(tmp_path, monkeypatch, slack):
+@pytest.mark.parametrize("preadv", [True, False])
+def test_npy_reads_runs_or_whole_spans_alike(tmp_path, monkeypatch, slack, preadv):
     monkeypatch.setattr(volumes_base, "COALESCE_SLACK_BYTES", slack)
+    if not preadv:
+        monkeypatch.delattr(os, "preadv", raising=False)
     rng = np.random.default_rng(3)
     data = rng.standard_normal((9, 8, 7, 2)).astype(np.float32)
     path = str(tmp_path / "a.npy")
@@ -184,6 +187,8 @@ def test_npy_stream_in_and_out(monkeypatch):
     with open_volume("-") as reader:
         assert (reader.format, reader.shape, reader.dtype) == ("npy", (3, 4, 5), np.float64)
         np.testing.assert_array_equal(reader.read((slice(1, 3), slice(0, 2))), data[1:3, 0:2])
+        reader.read()[...] = 0
+        np.testing.assert_array_equal(reader.read(), data)
     out = io.BytesIO()
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
     with create_volume("-", (3, 4, 5), "float32") as writer:

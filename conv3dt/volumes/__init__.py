@@ -58,11 +58,13 @@ def detect_format(path: str) -> str:
     """
     if path == "-":
         return "npy"
-    file_path = split_hdf5_path(path)[0] if ":" in path else path
-    lowered = file_path.lower()
+    lowered = path.lower()
     for extension in sorted(_EXTENSIONS, key=len, reverse=True):
         if lowered.endswith(extension):
             return _EXTENSIONS[extension]
+    file_path, dataset = split_hdf5_path(path)
+    if dataset is not None and file_path.lower().endswith((".h5", ".hdf5")):
+        return "hdf5"
     raise VolumeError(
         f"{path}: unknown volume format; supported extensions are {', '.join(_EXTENSIONS)} "
         "(or give the format explicitly)"
@@ -167,8 +169,9 @@ def create_volume(
     chunks : tuple of int, optional
         HDF5 only; None lets h5py choose.
     value_range : (float, float), optional
-        Integer NIfTI only: the data range, to choose the scaling before any box
-        arrives; without it the data is buffered in memory until commit.
+        Integer NIfTI only (ignored otherwise): the data range, to choose the
+        scaling before any box arrives; without it the data is buffered in
+        memory until commit.
 
     Returns
     -------
@@ -199,7 +202,8 @@ def create_volume(
             f"`compression` and `chunks` apply to HDF5 only. Received compression="
             f"{compression!r}, chunks={chunks!r} for {format} output"
         )
-    template = template or VolumeMetadata()
+    if template is None:
+        template = VolumeMetadata()
     if path == "-":
         return NpyStreamWriter(shape, dtype)
     if format == "npy":

@@ -37,9 +37,9 @@ __all__ = [
 
 Box = tuple[slice, ...]
 
-# Below this many bytes of file span per box (beyond the box's own size) a read
-# fetches the whole span in one call and picks the box out in memory; larger
-# spans are read one contiguous run at a time so memory stays near the box size.
+# When the gaps between a box's runs total at most this many bytes, one read
+# fetches the whole span and the box is picked out in memory; otherwise each
+# contiguous run is read straight into the result, so memory stays at the box size.
 COALESCE_SLACK_BYTES = 4 << 20
 
 
@@ -413,16 +413,20 @@ def _runs(shape: tuple[int, ...], box: Box) -> tuple[int, np.ndarray]:
     return run_length, offsets.reshape(-1)
 
 
-def _pread_exact(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    while size > 0:
-        data = os.pread(fd, size, offset)
-        if not data:
-            raise EOFError(f"file ends before byte {offset + size}")
-        chunks.append(data)
-        size -= len(data)
-        offset += len(data)
-    return b"".join(chunks)
+def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> None:
+    """Fill a contiguous array from the file at ``offset``, with no intermediate copy."""
+    view = memoryview(buffer.reshape(-1).view(np.uint8))
+    while len(view):
+        if hasattr(os, "preadv"):
+            count = os.preadv(fd, [view], offset)
+        else:
+            data = os.pread(fd, len(view), offset)
+            count = len(data)
+            view[:count] = data
+        if count == 0:
+            raise EOFError(f"file ends before byte {offset + len(view)}")
+        view = view[count:]
+        offset += count
 
 
 def fsync_path(path: str) -> None:
@@ -448,8 +452,8 @@ def read_raw_box(
 ) -> np.ndarray:
     """Read a box of the C-order array of ``shape`` and ``dtype`` stored at ``offset``.
 
-    Reads only the byte runs the box covers (or the span between its first and
-    last byte when that is barely larger than the box). The result has the file's
+    Reads only the byte runs the box covers (or, when the gaps between them are
+    small, the span from its first to its last byte). The result has the file's
     dtype, byte order included.
 
     Raises
@@ -465,16 +469,15 @@ def read_raw_box(
     run_length, offsets = _runs(shape, box)
     itemsize = dtype.itemsize
     span = int(offsets[-1] - offsets[0]) + run_length
-    if span * itemsize <= 2 * out.nbytes + COALESCE_SLACK_BYTES:
-        data = _pread_exact(fd, span * itemsize, offset + int(offsets[0]) * itemsize)
-        flat = np.frombuffer(data, dtype=dtype)
+    if len(offsets) > 1 and (span - out.size) * itemsize <= COALESCE_SLACK_BYTES:
+        # Many short runs close together: one read of the span, then pick the box out.
+        flat = np.empty(span, dtype=dtype)
+        _pread_into(fd, flat, offset + int(offsets[0]) * itemsize)
         strides = [itemsize * int(np.prod(shape[a + 1 :])) for a in range(len(shape))]
         out[...] = np.lib.stride_tricks.as_strided(flat, out.shape, strides, writeable=False)
         return out
-    rows = out.reshape(-1, run_length)
-    nbytes = run_length * itemsize
-    for row, start in zip(rows, offsets.tolist(), strict=True):
-        row[...] = np.frombuffer(_pread_exact(fd, nbytes, offset + start * itemsize), dtype=dtype)
+    for row, start in zip(out.reshape(-1, run_length), offsets.tolist(), strict=True):
+        _pread_into(fd, row, offset + start * itemsize)
     return out
 
 

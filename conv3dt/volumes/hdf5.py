@@ -53,7 +53,8 @@ def split_hdf5_path(path: str) -> tuple[str, str | None]:
     match = _DATASET_SUFFIX.match(path)
     if match:
         file_path, dataset = match["file"], match["dataset"]
-    elif ":" in path and not os.path.exists(path):
+    elif ":" in path and not os.path.exists(path) and len(path.rpartition(":")[0]) > 1:
+        # Any other file name with an explicit format; a one-letter part is a drive.
         file_path, _, dataset = path.rpartition(":")
     else:
         file_path, dataset = path, None

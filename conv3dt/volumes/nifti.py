@@ -58,7 +58,8 @@ class NiftiReader(VolumeReader):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         try:
-            image = nib.load(path, keep_file_open=True)
+            # No memory map: a whole-volume read must not leave the file mapped.
+            image = nib.load(path, mmap=False, keep_file_open=True)
         except FileNotFoundError:
             raise VolumeError(f"cannot open {path}: no such file") from None
         except _READ_ERRORS as exc:

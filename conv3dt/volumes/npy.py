@@ -132,7 +132,8 @@ class NpyStreamReader(VolumeReader):
         self.dtype = array.dtype.newbyteorder("=")
 
     def _read(self, box: Box) -> np.ndarray:
-        return self._array[box]
+        # A copy: callers may change what they get without changing the volume.
+        return self._array[box].copy()
 
     def _close(self) -> None:
         self._array = None
