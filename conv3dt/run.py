@@ -139,8 +139,14 @@ def prepare(
         if len(labels) > 4:
             raise ValueError("a batch of multi-channel volumes cannot be written as one NIfTI file")
         out_layout = DiskLayout(labels, tuple(out_layout.size(label) for label in labels))
+    activation = _activation_name(layer)
+    if activation == "glu":
+        raise ValueError(
+            "activation 'glu' halves the channel axis, so the output no longer has `filters` "
+            "channels; conv3dt upsample does not support it"
+        )
     whole: list[int] = []
-    if layer.data_format == "channels_first" and _activation_name(layer) in _COUPLING_ACTIVATIONS:
+    if layer.data_format == "channels_first" and activation in _COUPLING_ACTIVATIONS:
         # These act along the last axis: in channels_first that is the width.
         whole.append(2)
     split_order = (2, 1, 0) if storage_order == "F" else (0, 1, 2)
