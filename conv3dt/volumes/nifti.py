@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import nibabel as nib
@@ -142,7 +141,7 @@ def _build_header(
         klass = (
             nib.Nifti2Header
             if needs_nifti2 or isinstance(template, nib.Nifti2Header)
-            else (nib.Nifti1Header)
+            else nib.Nifti1Header
         )
         header = template.copy() if type(template) is klass else klass.from_header(template)
         if header.endianness != _NATIVE:
@@ -254,10 +253,10 @@ class NiftiWriter(VolumeWriter):
             raise ValueError(f"`array` holds NaN or infinity, which {self.dtype} cannot store")
         if self._value_range is not None and values.size:
             lo, hi = self._value_range
-            if values.min() < lo or values.max() > hi:
+            low, high = values.min(), values.max()
+            if low < lo or high > hi:
                 raise ValueError(
-                    f"`array` holds values in [{values.min()}, {values.max()}], outside "
-                    f"value_range=({lo}, {hi})"
+                    f"`array` holds values in [{low}, {high}], outside value_range=({lo}, {hi})"
                 )
         info = np.iinfo(self.dtype)
         stored = np.rint((values - self._inter) / self._slope)
@@ -273,50 +272,35 @@ class NiftiWriter(VolumeWriter):
         else:
             self._buffer[box] = array
 
-    def _slabs(self) -> Iterator[np.ndarray]:
-        """The buffered data, stored dtype, one contiguous last-axis slab at a time."""
-        needs_scaling = self._integer and self._value_range is None
-        if needs_scaling and self._buffer.size:
-            if not np.all(np.isfinite(self._buffer)):
-                raise ValueError(f"`array` held NaN or infinity, which {self.dtype} cannot store")
-            self._set_scaling(float(self._buffer.min()), float(self._buffer.max()))
-        slabs = (
-            [self._buffer]
-            if self._buffer.ndim == 0
-            else (self._buffer[..., t] for t in range(self._buffer.shape[-1]))
-        )
-        for slab in slabs:
-            yield self._quantize(slab) if needs_scaling else slab
-
     def _finish(self) -> None:
-        if not self._direct:
-            self._write_buffer()
-        else:
+        if self._direct:
             os.fsync(self._fd)
-        fd, self._fd = self._fd, None
-        if fd is not None:
+            fd, self._fd = self._fd, None
             os.close(fd)
-        if not self._direct:
+        else:
+            self._write_buffer()
             fsync_path(self.tmp_path)
 
     def _write_buffer(self) -> None:
+        """Write header and buffered voxels in file order, one last-axis slab at a time."""
+        deferred_scaling = self._integer and self._value_range is None
+        if deferred_scaling and self._buffer.size:
+            if not np.all(np.isfinite(self._buffer)):
+                raise ValueError(f"`array` held NaN or infinity, which {self.dtype} cannot store")
+            self._set_scaling(float(self._buffer.min()), float(self._buffer.max()))
         file_dtype = self._header.get_data_dtype()
-        slabs = self._slabs()
-        # Computing the slabs first sets the scaling the header carries.
-        first = next(slabs, None)
+        buffer, self._buffer = self._buffer, None
+        slabs = [buffer] if buffer.ndim == 0 else (buffer[..., t] for t in range(buffer.shape[-1]))
         fd, self._fd = self._fd, None
         with open(fd, "wb") as raw:
             stream: Any = raw
             if self._compressed:
-                name = os.path.basename(self.path)
-                stream = gzip.GzipFile(name, "wb", _GZIP_LEVEL, raw)
+                stream = gzip.GzipFile(os.path.basename(self.path), "wb", _GZIP_LEVEL, raw)
             with stream:
                 stream.write(_header_bytes(self._header))
-                if first is not None:
-                    stream.write(np.asarray(first, dtype=file_dtype).tobytes(order="F"))
                 for slab in slabs:
-                    stream.write(np.asarray(slab, dtype=file_dtype).tobytes(order="F"))
-        self._buffer = None
+                    values = self._quantize(slab) if deferred_scaling else slab
+                    stream.write(np.asarray(values, dtype=file_dtype).tobytes(order="F"))
 
     def _discard(self) -> None:
         self._buffer = None
