@@ -21,6 +21,7 @@ import pytest
 from conv3dt.volumes import (
     VolumeError,
     VolumeMetadata,
+    VolumeWriteError,
     create_volume,
     describe,
     detect_format,
@@ -360,7 +361,7 @@ def test_disk_full_mid_write_removes_everything(tmp_path, monkeypatch, name):
     writer = create_volume(str(target), (4, 4, 4), "float32")
     writer.write((slice(0, 1),), np.ones((1, 4, 4)))
     monkeypatch.setattr(os, "pwrite", _enospc_after(1))
-    with pytest.raises(VolumeError, match=f"{name}.*no space left on device"):
+    with pytest.raises(VolumeWriteError, match=f"{name}.*no space left on device"):
         writer.write((slice(1, 4), slice(0, 2)), np.ones((3, 2, 4)))
     assert files_in(tmp_path) == []
     assert writer.closed
@@ -372,7 +373,7 @@ def test_disk_full_in_hdf5_write_removes_everything(tmp_path, monkeypatch):
 
     writer = create_volume(str(tmp_path / "full.h5"), (4, 4, 4), "float32")
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
-    with pytest.raises(VolumeError, match=r"full.h5.*no space left on device"):
+    with pytest.raises(VolumeWriteError, match=r"full.h5.*no space left on device"):
         writer.write(None, np.ones((4, 4, 4)))
     assert files_in(tmp_path) == []
 
@@ -387,7 +388,7 @@ def test_disk_full_while_compressing_nifti_at_commit(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gzip.GzipFile, "write", full)
-    with pytest.raises(VolumeError, match=r"full.nii.gz.*no space left on device"):
+    with pytest.raises(VolumeWriteError, match=r"full.nii.gz.*no space left on device"):
         writer.commit()
     assert files_in(tmp_path) == []
 

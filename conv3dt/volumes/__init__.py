@@ -18,6 +18,7 @@ from conv3dt.volumes.base import (
     VolumeError,
     VolumeMetadata,
     VolumeReader,
+    VolumeWriteError,
     VolumeWriter,
 )
 from conv3dt.volumes.hdf5 import Hdf5Reader, Hdf5Writer, split_hdf5_path
@@ -30,6 +31,7 @@ __all__ = [
     "VolumeError",
     "VolumeMetadata",
     "VolumeReader",
+    "VolumeWriteError",
     "VolumeWriter",
     "create_volume",
     "describe",

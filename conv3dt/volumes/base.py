@@ -26,6 +26,7 @@ __all__ = [
     "VolumeError",
     "VolumeMetadata",
     "VolumeReader",
+    "VolumeWriteError",
     "VolumeWriter",
     "box_shape",
     "fsync_path",
@@ -45,6 +46,13 @@ COALESCE_SLACK_BYTES = 4 << 20
 
 class VolumeError(ValueError):
     """A volume file cannot be opened, read or written (the message names the file)."""
+
+
+class VolumeWriteError(VolumeError):
+    """Writing failed part way (disk full, I/O error); the partial output was removed.
+
+    A failure of the run rather than of its arguments, for callers that tell the two apart.
+    """
 
 
 @dataclass
@@ -205,7 +213,7 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _write_failure(target: str, exc: BaseException) -> VolumeError:
+def _write_failure(target: str, exc: BaseException) -> VolumeWriteError:
     """Turn an OS-level write failure into a VolumeError naming the target."""
     code = getattr(exc, "errno", None)
     text = str(exc)
@@ -215,7 +223,7 @@ def _write_failure(target: str, exc: BaseException) -> VolumeError:
         reason = "disk quota exceeded"
     else:
         reason = getattr(exc, "strerror", None) or text
-    return VolumeError(f"cannot write {target}: {reason}; the partial output was removed")
+    return VolumeWriteError(f"cannot write {target}: {reason}; the partial output was removed")
 
 
 class VolumeWriter:
