@@ -54,6 +54,9 @@ class VolumeWriteError(VolumeError):
     A failure of the run rather than of its arguments, for callers that tell the two apart.
     """
 
+    #: The command line's exit code for it: a runtime failure.
+    exit_code = 1
+
 
 @dataclass
 class VolumeMetadata:
