@@ -18,7 +18,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from conv3dt import Conv3DTranspose, conv3d_transpose  # noqa: E402
+from conv3dt import Conv3DTranspose, Convolution3DTranspose, conv3d_transpose  # noqa: E402
 
 KerasLayer = keras.layers.Conv3DTranspose
 
@@ -676,3 +676,74 @@ def test_dtype_policies(policy: str) -> None:
         np.testing.assert_allclose(
             got.astype(np.float64), expected.astype(np.float64), rtol=tol, atol=tol
         )
+
+
+# ---------------------------------------------------------------------------
+# Constraints
+
+
+# (kernel_constraint, bias_constraint); axis lists only fit the 5D kernel.
+CONSTRAINTS: list[tuple[Any, Any]] = [
+    ("max_norm", "max_norm"),
+    ("non_neg", "non_neg"),
+    ("unit_norm", "unit_norm"),
+    ("min_max_norm", "min_max_norm"),
+    ({"class_name": "MaxNorm", "config": {"max_value": 0.3, "axis": [0, 1, 2]}}, "non_neg"),
+    (
+        {"class_name": "MinMaxNorm", "config": {"min_value": 0.2, "max_value": 0.4, "rate": 0.5}},
+        {"class_name": "MaxNorm", "config": {"max_value": 0.5, "axis": 0}},
+    ),
+    ({"class_name": "UnitNorm", "config": {"axis": [0, 1, 2, 3]}}, None),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONSTRAINTS)))
+def test_constraint_projection(case: int) -> None:
+    """apply_constraints projects the weights as Keras's constraint objects do."""
+    rng = np.random.default_rng(case)
+    kernel_constraint, bias_constraint = CONSTRAINTS[case]
+    kwargs = {
+        "filters": 3,
+        "kernel_size": 2,
+        "kernel_constraint": kernel_constraint,
+        "bias_constraint": bias_constraint,
+    }
+    ours, theirs = build_pair(kwargs, (1, 2, 2, 2, 4), rng)
+    # Scale up so norm constraints are violated before projection.
+    weights = [4.0 * w for w in ours.get_weights()]
+    ours.set_weights(weights)
+    theirs.set_weights(weights)
+    expected = {"kernel": to_numpy(theirs.kernel_constraint(theirs.kernel))}
+    if bias_constraint is not None:
+        expected["bias"] = to_numpy(theirs.bias_constraint(theirs.bias))
+    originals = dict(zip(["kernel", "bias"], weights, strict=True))
+    constraint_of = {"kernel": theirs.kernel_constraint, "bias": theirs.bias_constraint}
+
+    def keras_satisfied(weights: dict[str, np.ndarray]) -> dict[str, bool]:
+        # Satisfied: Keras's projection leaves the weight unchanged.
+        return {
+            name: bool(
+                np.allclose(
+                    to_numpy(constraint_of[name](keras.ops.convert_to_tensor(weights[name]))),
+                    weights[name],
+                    rtol=0,
+                    atol=1e-6,
+                )
+            )
+            for name in expected
+        }
+
+    assert ours.check_constraints() == keras_satisfied(originals)
+    ours.apply_constraints()
+    got = dict(zip(["kernel", "bias"], ours.get_weights(), strict=True))
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    if bias_constraint is None:
+        np.testing.assert_array_equal(got["bias"], originals["bias"])
+    # Not always True: MinMaxNorm with rate < 1 moves only part of the way.
+    assert ours.check_constraints() == keras_satisfied(got)
+
+
+def test_alias() -> None:
+    assert keras.layers.Convolution3DTranspose is KerasLayer
+    assert Convolution3DTranspose is Conv3DTranspose
