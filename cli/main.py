@@ -199,6 +199,8 @@ def upsample(
 
         if overwrite and skip_existing:
             raise click.UsageError("--overwrite and --skip-existing exclude each other")
+        if as_json and output == "-":
+            raise click.UsageError("--json and -o - both write to stdout; use one of them")
         code = run_upsample(
             list(inputs),
             layer_spec_loader=lambda: _load_layer_spec(spec, keras_model, layer_name, seed),
