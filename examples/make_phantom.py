@@ -9,11 +9,12 @@ The weights are those of trilinear 2x upsampling written as a Conv3DTranspose
 (0.25, 0.75, 0.75, 0.25), the linear-interpolation weights, so the layer
 behaves as a trained upsampler whose result is easy to judge by eye.
 
-Usage: python examples/make_phantom.py   (writes into examples/data/)
+Usage: python examples/make_phantom.py [DIRECTORY]   (default: examples/data/)
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -22,9 +23,7 @@ import numpy as np
 
 def phantom(shape: tuple[int, int, int] = (48, 56, 32)) -> np.ndarray:
     """An ellipsoid phantom with values in [0, 1]."""
-    grid = np.stack(
-        np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1
-    )
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"), axis=-1)
     volume = np.zeros(shape, dtype=np.float32)
 
     def ellipsoid(centre, radii, value):
@@ -46,8 +45,9 @@ def linear_upsampling_kernel() -> np.ndarray:
 
 
 def main() -> None:
-    data = Path(__file__).resolve().parent / "data"
-    data.mkdir(exist_ok=True)
+    default = Path(__file__).resolve().parent / "data"
+    data = Path(sys.argv[1]) if len(sys.argv) > 1 else default
+    data.mkdir(parents=True, exist_ok=True)
     angle = np.deg2rad(20)
     rotation = np.array(
         [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from conv3dt_cli.main import main
 
 from conv3dt import Conv3DTranspose
-from conv3dt_cli.main import main
 
 FORMATS = {"npy": ".npy", "nii": ".nii", "niigz": ".nii.gz", "h5": ".h5"}
 
@@ -52,7 +52,9 @@ def _read(path: Path) -> np.ndarray:
     if name.endswith(".h5"):
         with h5py.File(path, "r") as handle:
             datasets = []
-            handle.visititems(lambda n, o: datasets.append(n) if isinstance(o, h5py.Dataset) else None)
+            handle.visititems(
+                lambda n, o: datasets.append(n) if isinstance(o, h5py.Dataset) else None
+            )
             assert len(datasets) == 1
             return handle[datasets[0]][()]
     return np.asarray(nib.load(path).dataobj)
@@ -103,14 +105,29 @@ def test_channels_first_npy_and_3d_inputs(tmp_path):
     spec = _spec(tmp_path, layer, 3)
     volume = np.random.default_rng(1).standard_normal((3, 4, 5, 6)).astype(np.float32)
     np.save(tmp_path / "cf.npy", volume)
-    assert _run("upsample", str(tmp_path / "cf.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")).exit_code == 0
+    assert (
+        _run(
+            "upsample", str(tmp_path / "cf.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
+        ).exit_code
+        == 0
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), layer(volume[None])[0])
 
     single = Conv3DTranspose(1, 3, strides=1, padding="same")
     spec1 = _spec(tmp_path, single, 1)
     vol3 = np.random.default_rng(2).standard_normal((5, 6, 7)).astype(np.float32)
     np.save(tmp_path / "v3.npy", vol3)
-    assert _run("upsample", str(tmp_path / "v3.npy"), "--spec", str(spec1), "-o", str(tmp_path / "o3.npy")).exit_code == 0
+    assert (
+        _run(
+            "upsample",
+            str(tmp_path / "v3.npy"),
+            "--spec",
+            str(spec1),
+            "-o",
+            str(tmp_path / "o3.npy"),
+        ).exit_code
+        == 0
+    )
     out = np.load(tmp_path / "o3.npy")
     assert out.shape == (5, 6, 7)
     np.testing.assert_array_equal(out, single(vol3[None, ..., None])[0, ..., 0])
@@ -121,7 +138,12 @@ def test_batch_npy_5d(tmp_path):
     spec = _spec(tmp_path, layer, 1)
     batch = np.random.default_rng(4).standard_normal((3, 4, 3, 2, 1)).astype(np.float32)
     np.save(tmp_path / "b.npy", batch)
-    assert _run("upsample", str(tmp_path / "b.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")).exit_code == 0
+    assert (
+        _run(
+            "upsample", str(tmp_path / "b.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
+        ).exit_code
+        == 0
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), layer(batch))
 
 
@@ -139,7 +161,9 @@ def _centroid_world(image: nib.Nifti1Image) -> np.ndarray:
 @pytest.mark.parametrize("kernel", [3, 4])
 def test_world_alignment_of_a_bright_voxel(tmp_path, padding, stride, output_padding, kernel):
     op = None if output_padding is None else stride - 1
-    layer = Conv3DTranspose(1, kernel, strides=stride, padding=padding, output_padding=op, use_bias=False)
+    layer = Conv3DTranspose(
+        1, kernel, strides=stride, padding=padding, output_padding=op, use_bias=False
+    )
     # A symmetric, positive kernel: its footprint's centroid is its centre.
     taps = np.hanning(kernel + 2)[1:-1]
     k = taps[:, None, None] * taps[None, :, None] * taps[None, None, :]
@@ -147,17 +171,27 @@ def test_world_alignment_of_a_bright_voxel(tmp_path, padding, stride, output_pad
     kernel_path = tmp_path / "k.npy"
     np.save(kernel_path, layer.kernel)
     config = json.loads(json.dumps(layer.get_config()))
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"layer": config, "weights": {"kernel": "k.npy"}}))
+    (tmp_path / "s.yaml").write_text(
+        yaml.safe_dump({"layer": config, "weights": {"kernel": "k.npy"}})
+    )
     volume = np.zeros((9, 8, 7), dtype=np.float32)
     volume[4, 3, 3] = 1.0
     nib.save(nib.Nifti1Image(volume, _affine()), tmp_path / "dot.nii")
-    result = _run("upsample", str(tmp_path / "dot.nii"), "--spec", str(tmp_path / "s.yaml"),
-                  "-o", str(tmp_path / "up.nii"))
+    result = _run(
+        "upsample",
+        str(tmp_path / "dot.nii"),
+        "--spec",
+        str(tmp_path / "s.yaml"),
+        "-o",
+        str(tmp_path / "up.nii"),
+    )
     assert result.exit_code == 0, result.output
     out = nib.load(tmp_path / "up.nii")
     expected = _affine() @ np.array([4.0, 3.0, 3.0, 1.0])
     np.testing.assert_allclose(_centroid_world(out), expected, atol=1e-6)
-    np.testing.assert_allclose(out.header.get_zooms()[:3], np.array([0.8, 1.3, 2.5]) / stride, rtol=1e-6)
+    np.testing.assert_allclose(
+        out.header.get_zooms()[:3], np.array([0.8, 1.3, 2.5]) / stride, rtol=1e-6
+    )
     np.testing.assert_allclose(out.get_qform(), out.get_sform(), atol=1e-5)
 
 
@@ -176,26 +210,78 @@ def test_json_and_skip_existing_and_overwrite(tmp_path):
     assert all(line["output_shape"] == [6, 6, 6] for line in lines)
     again = _run("upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out))
     assert again.exit_code == 2 and "exists" in again.output
-    skipped = _run("upsample", str(inputs / "*.npy"), "--spec", str(spec), "--output-dir", str(out),
-                   "--skip-existing", "--json")
+    skipped = _run(
+        "upsample",
+        str(inputs / "*.npy"),
+        "--spec",
+        str(spec),
+        "--output-dir",
+        str(out),
+        "--skip-existing",
+        "--json",
+    )
     assert skipped.exit_code == 0 and skipped.output.strip() == ""
-    assert _run("upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out), "--overwrite").exit_code == 0
-    named = _run("upsample", str(inputs / "v1.npy"), "--spec", str(spec), "--output-dir", str(out),
-                 "--name", "{stem}.x{ext}", "--output-format", "hdf5")
+    assert (
+        _run(
+            "upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out), "--overwrite"
+        ).exit_code
+        == 0
+    )
+    named = _run(
+        "upsample",
+        str(inputs / "v1.npy"),
+        "--spec",
+        str(spec),
+        "--output-dir",
+        str(out),
+        "--name",
+        "{stem}.x{ext}",
+        "--output-format",
+        "hdf5",
+    )
     assert named.exit_code == 0 and (out / "v1.x.h5").exists()
 
 
 def test_inspect_info_init(tmp_path):
     spec = tmp_path / "made.yaml"
-    result = _run("init", "--filters", "4", "--kernel-size", "3", "--strides", "2", "--padding", "same", "--activation", "relu",
-                  "--in-channels", "2", "--seed", "7", "-o", str(spec))
+    result = _run(
+        "init",
+        "--filters",
+        "4",
+        "--kernel-size",
+        "3",
+        "--strides",
+        "2",
+        "--padding",
+        "same",
+        "--activation",
+        "relu",
+        "--in-channels",
+        "2",
+        "--seed",
+        "7",
+        "-o",
+        str(spec),
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "made_kernel.npy").exists()
     kernel = np.load(tmp_path / "made_kernel.npy")
     assert kernel.shape == (3, 3, 3, 4, 2)
     limit = np.sqrt(6 / ((4 + 2) * 27))
     assert np.abs(kernel).max() <= limit and kernel.std() > limit / 4
-    again = _run("init", "--filters", "4", "--kernel-size", "3", "--in-channels", "2", "--seed", "7", "-o", str(spec))
+    again = _run(
+        "init",
+        "--filters",
+        "4",
+        "--kernel-size",
+        "3",
+        "--in-channels",
+        "2",
+        "--seed",
+        "7",
+        "-o",
+        str(spec),
+    )
     assert again.exit_code == 2
     np.save(tmp_path / "vol.npy", np.zeros((5, 6, 7, 2), dtype=np.float32))
     report = _run("inspect", "--spec", str(spec), "--input", str(tmp_path / "vol.npy"), "--json")
@@ -240,27 +326,55 @@ def _assert_clean_failure(result, code, *needles, tmp_path=None):
 
 
 def test_bad_inputs(tmp_path, good):
-    spec, volume = good
+    spec, _volume = good
     out = str(tmp_path / "o.npy")
-    _assert_clean_failure(_run("upsample", str(tmp_path / "missing.npy"), "--spec", str(spec), "-o", out), 2, "missing.npy")
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "missing.npy"), "--spec", str(spec), "-o", out),
+        2,
+        "missing.npy",
+    )
     (tmp_path / "x.tif").write_bytes(b"II*\x00")
-    _assert_clean_failure(_run("upsample", str(tmp_path / "x.tif"), "--spec", str(spec), "-o", out), 2, "x.tif")
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "x.tif"), "--spec", str(spec), "-o", out), 2, "x.tif"
+    )
     np.save(tmp_path / "full.npy", np.ones((8, 8, 8), np.float32))
     data = (tmp_path / "full.npy").read_bytes()
     (tmp_path / "trunc.npy").write_bytes(data[: len(data) // 2])
-    _assert_clean_failure(_run("upsample", str(tmp_path / "trunc.npy"), "--spec", str(spec), "-o", out), 2, "trunc.npy", tmp_path=tmp_path)
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "trunc.npy"), "--spec", str(spec), "-o", out),
+        2,
+        "trunc.npy",
+        tmp_path=tmp_path,
+    )
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), tmp_path / "full.nii.gz")
     gz = (tmp_path / "full.nii.gz").read_bytes()
     (tmp_path / "trunc.nii.gz").write_bytes(gz[: len(gz) // 2])
-    _assert_clean_failure(_run("upsample", str(tmp_path / "trunc.nii.gz"), "--spec", str(spec), "-o", out), 2, "trunc.nii.gz", tmp_path=tmp_path)
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "trunc.nii.gz"), "--spec", str(spec), "-o", out),
+        2,
+        "trunc.nii.gz",
+        tmp_path=tmp_path,
+    )
     (tmp_path / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
-    _assert_clean_failure(_run("upsample", str(tmp_path / "corrupt.h5"), "--spec", str(spec), "-o", out), 2, "corrupt.h5")
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "corrupt.h5"), "--spec", str(spec), "-o", out),
+        2,
+        "corrupt.h5",
+    )
     np.save(tmp_path / "flat.npy", np.ones((4, 4), np.float32))
-    _assert_clean_failure(_run("upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", out), 2, "2D")
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", out), 2, "2D"
+    )
     np.save(tmp_path / "six.npy", np.ones((1, 2, 2, 2, 2, 1), np.float32))
-    _assert_clean_failure(_run("upsample", str(tmp_path / "six.npy"), "--spec", str(spec), "-o", out), 2, "6D")
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "six.npy"), "--spec", str(spec), "-o", out), 2, "6D"
+    )
     np.save(tmp_path / "chan.npy", np.ones((4, 4, 4, 3), np.float32))
-    _assert_clean_failure(_run("upsample", str(tmp_path / "chan.npy"), "--spec", str(spec), "-o", out), 2, "input channel")
+    _assert_clean_failure(
+        _run("upsample", str(tmp_path / "chan.npy"), "--spec", str(spec), "-o", out),
+        2,
+        "input channel",
+    )
     assert not Path(out).exists()
 
 
@@ -278,21 +392,29 @@ def test_bad_specs(tmp_path, good):
     ]
     for text, needle in cases:
         spec = _bad_spec(tmp_path, text)
-        _assert_clean_failure(_run("upsample", str(volume), "--spec", str(spec), "-o", out), 2, "bad.yaml", needle)
+        _assert_clean_failure(
+            _run("upsample", str(volume), "--spec", str(spec), "-o", out), 2, "bad.yaml", needle
+        )
 
 
 def test_existing_output_and_unwritable_directory(tmp_path, good):
     spec, volume = good
     target = tmp_path / "exists.npy"
     target.write_bytes(b"keep me")
-    _assert_clean_failure(_run("upsample", str(volume), "--spec", str(spec), "-o", str(target)), 2, "exists")
+    _assert_clean_failure(
+        _run("upsample", str(volume), "--spec", str(spec), "-o", str(target)), 2, "exists"
+    )
     assert target.read_bytes() == b"keep me"
     # /proc refuses new files even to root, so this holds whoever runs the tests.
     _assert_clean_failure(
-        _run("upsample", str(volume), "--spec", str(spec), "-o", "/proc/conv3dt-out.npy"), 2, "/proc"
+        _run("upsample", str(volume), "--spec", str(spec), "-o", "/proc/conv3dt-out.npy"),
+        2,
+        "/proc",
     )
     _assert_clean_failure(
-        _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "no" / "o.npy")), 2, "no"
+        _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "no" / "o.npy")),
+        2,
+        "no",
     )
     same = _run("upsample", str(volume), "--spec", str(spec), "-o", str(volume), "--overwrite")
     _assert_clean_failure(same, 2, "input")
@@ -322,7 +444,9 @@ def test_stdin_stdout_pipeline_and_module_entry(tmp_path, good):
     data = volume.read_bytes()
     proc = subprocess.run(
         [sys.executable, "-m", "conv3dt", "upsample", "-", "--spec", str(spec), "-o", "-"],
-        input=data, capture_output=True, check=False,
+        input=data,
+        capture_output=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     import io
@@ -331,22 +455,49 @@ def test_stdin_stdout_pipeline_and_module_entry(tmp_path, good):
     layer = Conv3DTranspose.from_config(yaml.safe_load(spec.read_text())["layer"])
     layer.set_weights([np.load(spec.parent / "kernel.npy"), np.load(spec.parent / "bias.npy")])
     np.testing.assert_array_equal(got, layer(np.load(volume)[None, ..., None])[0])
-    version = subprocess.run([sys.executable, "-m", "conv3dt", "--version"], capture_output=True, text=True, check=True)
+    version = subprocess.run(
+        [sys.executable, "-m", "conv3dt", "--version"], capture_output=True, text=True, check=True
+    )
     assert version.stdout.startswith("conv3dt ")
     bad = subprocess.run(
-        [sys.executable, "-m", "conv3dt", "upsample", str(tmp_path / "nope.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "conv3dt",
+            "upsample",
+            str(tmp_path / "nope.npy"),
+            "--spec",
+            str(spec),
+            "-o",
+            str(tmp_path / "o.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nope.npy" in bad.stderr
     debug = subprocess.run(
-        [sys.executable, "-m", "conv3dt", "upsample", str(tmp_path / "nope.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy"), "--debug"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "conv3dt",
+            "upsample",
+            str(tmp_path / "nope.npy"),
+            "--spec",
+            str(spec),
+            "-o",
+            str(tmp_path / "o.npy"),
+            "--debug",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
 def test_keep_going_reports_failures(tmp_path, good):
-    spec, volume = good
+    spec, _volume = good
     folder = tmp_path / "mixed"
     folder.mkdir()
     np.save(folder / "a.npy", np.ones((3, 3, 3), np.float32))
@@ -356,7 +507,16 @@ def test_keep_going_reports_failures(tmp_path, good):
     stop = _run("upsample", str(folder), "--spec", str(spec), "--output-dir", str(out))
     assert stop.exit_code == 2
     assert (out / "a_up.npy").exists() and not (out / "c_up.npy").exists()
-    going = _run("upsample", str(folder), "--spec", str(spec), "--output-dir", str(out), "--keep-going", "--skip-existing")
+    going = _run(
+        "upsample",
+        str(folder),
+        "--spec",
+        str(spec),
+        "--output-dir",
+        str(out),
+        "--keep-going",
+        "--skip-existing",
+    )
     assert going.exit_code == 1
     assert "1 of 2 input(s) failed" in going.output and "b.npy" in going.output
     assert (out / "c_up.npy").exists()
