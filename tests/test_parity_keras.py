@@ -252,23 +252,24 @@ def test_documentation_example() -> None:
 def test_functional_op_matches_keras_ops() -> None:
     """conv3d_transpose against keras.ops.conv_transpose, strides and dilation together."""
     rng = np.random.default_rng(5)
-    for _ in range(40):
+    for _ in range(100):
         strides = tuple(int(v) for v in rng.integers(1, 4, size=3))
         dilation = tuple(int(v) for v in rng.integers(1, 3, size=3))
         kernel_size = tuple(int(v) for v in rng.integers(1, 4, size=3))
         padding = str(rng.choice(["valid", "same"]))
         data_format = str(rng.choice(["channels_last", "channels_first"]))
-        x = rng.standard_normal(
-            (2, 3, 2, 4, 2) if data_format == "channels_last" else (2, 2, 3, 2, 4)
+        output_padding = (
+            None if rng.random() < 0.5 else tuple(int(rng.integers(0, s)) for s in strides)
         )
+        spatial = tuple(int(v) for v in rng.integers(1, 5, size=3))
+        shape = (2, *spatial, 2) if data_format == "channels_last" else (2, 2, *spatial)
+        x = rng.standard_normal(shape).astype(np.float32)
         kernel = random_weights((*kernel_size, 3, 2), False, rng)[0]
-        x = x.astype(np.float32)
-        expected = to_numpy(
-            keras.ops.conv_transpose(x, kernel, strides, padding, None, data_format, dilation)
-        )
-        got = conv3d_transpose(x, kernel, None, strides, padding, None, data_format, dilation)
-        assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        args = (strides, padding, output_padding, data_format, dilation)
+        expected = to_numpy(keras.ops.conv_transpose(x, kernel, *args))
+        got = conv3d_transpose(x, kernel, None, *args)
+        assert got.shape == expected.shape, args
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=str(args))
 
 
 # ---------------------------------------------------------------------------
