@@ -31,9 +31,7 @@ def configs(draw: st.DrawFn) -> dict:
     strides = draw(triples(*[st.integers(1, 4)] * 3))
     dilation = draw(triples(*[st.integers(1, 3)] * 3))
     use_op = draw(st.booleans())
-    output_padding = (
-        tuple(draw(st.integers(0, s - 1)) for s in strides) if use_op else None
-    )
+    output_padding = tuple(draw(st.integers(0, s - 1)) for s in strides) if use_op else None
     return {
         "spatial": draw(triples(*[st.integers(1, 5)] * 3)),
         "kernel_size": kernel_size,
@@ -144,8 +142,11 @@ def direct_conv3d(
     out = np.zeros((y.shape[0], *in_spatial, kernel.shape[4]))
     for t in np.ndindex(*kernel.shape[:3]):
         window = tuple(
-            slice(t[a] * dilation[a], t[a] * dilation[a] + (in_spatial[a] - 1) * strides[a] + 1,
-                  strides[a])
+            slice(
+                t[a] * dilation[a],
+                t[a] * dilation[a] + (in_spatial[a] - 1) * strides[a] + 1,
+                strides[a],
+            )
             for a in range(3)
         )
         out += np.einsum("bdhwf,fc->bdhwc", y_pad[(slice(None), *window)], kernel[t])
@@ -163,8 +164,12 @@ def test_matches_reference(engine: str, cfg: dict) -> None:
     use_bias = cfg["seed"] % 2 == 0
     got = _run(cfg, x, kernel, bias if use_bias else None, engine=engine)
     axes = layer_geometry(
-        cfg["spatial"], cfg["kernel_size"], cfg["strides"], cfg["padding"].lower(),
-        cfg["output_padding"], cfg["dilation"],
+        cfg["spatial"],
+        cfg["kernel_size"],
+        cfg["strides"],
+        cfg["padding"].lower(),
+        cfg["output_padding"],
+        cfg["dilation"],
     )
     expected = reference_conv_transpose(x, kernel, axes)
     if use_bias:
@@ -182,7 +187,10 @@ def test_output_shape_matches_keras_formula(cfg: dict) -> None:
     got = _run(cfg, x, kernel, None)
     spatial = tuple(
         keras_output_length(
-            cfg["spatial"][a], cfg["kernel_size"][a], cfg["strides"][a], cfg["padding"],
+            cfg["spatial"][a],
+            cfg["kernel_size"][a],
+            cfg["strides"][a],
+            cfg["padding"],
             None if cfg["output_padding"] is None else cfg["output_padding"][a],
             cfg["dilation"][a],
         )
@@ -201,7 +209,9 @@ def test_adjoint_identity(engine: str, cfg: dict) -> None:
     y = np.random.default_rng(cfg["seed"] + 1).standard_normal(out.shape)
     left = tuple(
         keras_left_crop(
-            cfg["kernel_size"][a], cfg["strides"][a], cfg["padding"],
+            cfg["kernel_size"][a],
+            cfg["strides"][a],
+            cfg["padding"],
             None if cfg["output_padding"] is None else cfg["output_padding"][a],
             cfg["dilation"][a],
         )
