@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ __all__ = ["Conv3DTranspose", "Convolution3DTranspose"]
 
 _names = itertools.count()
 _ALLOWED_KWARGS = ("name", "trainable", "dtype", "autocast")
+# Keras accepts these (with a warning) for older configs; they do not change the layer.
+_IGNORED_KWARGS = ("input_shape", "input_dim")
 
 
 def _unique_name() -> str:
@@ -99,13 +102,26 @@ class Conv3DTranspose:
         bias_constraint: Any = None,
         **kwargs: Any,
     ) -> None:
-        unknown = {k: v for k, v in kwargs.items() if k not in _ALLOWED_KWARGS}
+        unknown = {k: v for k, v in kwargs.items() if k not in _ALLOWED_KWARGS + _IGNORED_KWARGS}
         if unknown:
             raise ValueError(
                 f"Unrecognized keyword arguments passed to {type(self).__name__}: {unknown}"
             )
         self.name: str = kwargs.get("name") or _unique_name()
-        self.trainable = bool(kwargs.get("trainable", True))
+        ignored = [k for k in _IGNORED_KWARGS if kwargs.get(k) is not None]
+        if ignored:
+            warnings.warn(
+                f"{type(self).__name__} ignores {', '.join(ignored)}: the input shape comes "
+                "from the data",
+                UserWarning,
+                stacklevel=2,
+            )
+        trainable = kwargs.get("trainable", True)
+        if not isinstance(trainable, bool):
+            raise ValueError(
+                f"Expected `trainable` to be a boolean. Received: trainable={trainable!r}"
+            )
+        self.trainable = trainable
         self.autocast = bool(kwargs.get("autocast", True))
         self.dtype_policy: DTypePolicy = get_policy(kwargs.get("dtype"))
         self.activity_regularizer = regularizers.get(activity_regularizer)
@@ -122,13 +138,11 @@ class Conv3DTranspose:
         )
         self.data_format = standardize_data_format(data_format)
         self.activation = activations.get(activation)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = initializers.get(
-            "glorot_uniform" if kernel_initializer is None else kernel_initializer
-        )
-        self.bias_initializer = initializers.get(
-            "zeros" if bias_initializer is None else bias_initializer
-        )
+        # Kept as given (Keras keeps use_bias=None and initializer None in the config);
+        # a missing initializer means Keras's default when weights are drawn.
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
         self.kernel_regularizer = regularizers.get(kernel_regularizer)
         self.bias_regularizer = regularizers.get(bias_regularizer)
         self.kernel_constraint = constraints.get(kernel_constraint)
@@ -236,13 +250,13 @@ class Conv3DTranspose:
                 f"Received input shape {input_shape} with data_format='{self.data_format}'."
             )
         dtype = numpy_dtype(self.dtype)
-        kernel = self.kernel_initializer(
-            self.kernel_shape(int(channels)), dtype="float32", seed=seed
-        )
+        kernel_initializer = self.kernel_initializer or initializers.get("glorot_uniform")
+        kernel = kernel_initializer(self.kernel_shape(int(channels)), dtype="float32", seed=seed)
         self.kernel = np.asarray(kernel).astype(dtype)
         if self.use_bias:
             bias_seed = None if seed is None else seed + 1
-            bias = self.bias_initializer((self.filters,), dtype="float32", seed=bias_seed)
+            bias_initializer = self.bias_initializer or initializers.get("zeros")
+            bias = bias_initializer((self.filters,), dtype="float32", seed=bias_seed)
             self.bias = np.asarray(bias).astype(dtype)
         else:
             self.bias = None

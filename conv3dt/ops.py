@@ -111,6 +111,12 @@ def conv3d_transpose(
             "The kernel must be 5D (kd, kh, kw, filters, in_channels). "
             f"Received kernel shape: {kernel.shape}."
         )
+    spatial = x.shape[1:4] if data_format == "channels_last" else x.shape[2:5]
+    if 0 in spatial:
+        raise ValueError(
+            f"Inputs to a 3D transposed convolution need non-empty spatial axes. "
+            f"Received input shape: {x.shape}."
+        )
     channels = x.shape[-1] if data_format == "channels_last" else x.shape[1]
     if channels != kernel.shape[-1]:
         raise ValueError(

@@ -27,8 +27,7 @@ def standardize_tuple(
         argument and the value received.
     """
     message = f"The `{name}` argument must be a tuple of {n} integers. Received {name}={value}"
-    if isinstance(value, bool):
-        raise ValueError(message)
+    # bool is an int, and Keras takes it as one.
     if isinstance(value, int):
         values = (value,) * n
     else:
@@ -40,7 +39,7 @@ def standardize_tuple(
             raise ValueError(message)
         converted = []
         for item in values:
-            if isinstance(item, bool) or not _is_integral(item):
+            if not _is_integral(item):
                 raise ValueError(f"{message}, including element {item!r} of type {type(item)}")
             converted.append(int(item))
         values = tuple(converted)
