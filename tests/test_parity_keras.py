@@ -525,6 +525,8 @@ def test_keras_suite_output_padding_serialization() -> None:
 
 CONFIG_CASES: list[dict[str, Any]] = [
     {},
+    {"kernel_initializer": None, "bias_initializer": None},
+    {"use_bias": None},
     {"activation": "relu", "kernel_initializer": "he_normal", "bias_initializer": "ones"},
     {"activation": "swish", "kernel_initializer": "lecun_uniform", "use_bias": False},
     {"activation": "hard_swish", "kernel_initializer": "orthogonal", "bias_initializer": "zeros"},
