@@ -1,8 +1,27 @@
 """Compute any box of a transposed convolution's output from the input box it needs.
 
 :func:`conv_transpose_region` is the one entry point; it dispatches to an
-implementation. The reference implementation in :mod:`conv3dt.engine.reference`
-is for tests only.
+implementation:
+
+``"gemm"``
+    Stride phases as BLAS GEMMs over cache-sized row blocks, on worker threads
+    (:mod:`conv3dt.engine.gemm_engine`). For layers with many channels.
+``"numba"``
+    Direct summation in Numba, fused into one pass over the output
+    (:mod:`conv3dt.engine.direct_engine`). For layers with few channels, where
+    the work is bound by writing the output.
+``"numpy"``
+    One NumPy GEMM per kernel tap (:mod:`conv3dt.engine.numpy_engine`): simple,
+    slower, no compilation.
+``"auto"``
+    :func:`choose_engine` picks one from the layer alone.
+
+Every engine adds each output voxel's terms in an order that does not depend on
+the box, so a tile computed from its input box equals the same box of the
+untiled result bit for bit. The choice of ``"auto"`` depends on the layer and
+never on the box, so the same holds for it. Numba is imported only when a
+Numba path runs. The reference implementation in
+:mod:`conv3dt.engine.reference` is for tests only.
 """
 
 from __future__ import annotations
@@ -13,9 +32,41 @@ import numpy as np
 
 from conv3dt.engine.numpy_engine import conv_transpose_region_numpy
 
-__all__ = ["ENGINES", "conv_transpose_region"]
+__all__ = ["ENGINES", "choose_engine", "conv_transpose_region"]
 
-ENGINES = ("auto", "numpy")
+ENGINES = ("auto", "gemm", "numba", "numpy")
+
+# Up to this many input channels an upsampling layer (kernel == stride) is
+# bound by writing its output, and the fused Numba pass beats a GEMM.
+_UPSAMPLE_DIRECT_CHANNELS = 2
+# Up to this many channel pairs (in_channels * filters), any layer.
+_DIRECT_CHANNEL_PAIRS = 4
+
+
+def choose_engine(
+    kernel_shape: Sequence[int], strides: Sequence[int], dilation: Sequence[int]
+) -> str:
+    """The engine ``"auto"`` runs for a layer.
+
+    Parameters
+    ----------
+    kernel_shape : five ints
+        ``(kd, kh, kw, filters, in_channels)``.
+    strides, dilation : three ints
+
+    Returns
+    -------
+    str
+        ``"numba"`` for layers with few channels, else ``"gemm"``.
+    """
+    from conv3dt.engine.direct_engine import is_upsampling
+
+    filters, channels = int(kernel_shape[3]), int(kernel_shape[4])
+    if channels * filters <= _DIRECT_CHANNEL_PAIRS:
+        return "numba"
+    if is_upsampling(kernel_shape[:3], strides, dilation) and channels <= _UPSAMPLE_DIRECT_CHANNELS:
+        return "numba"
+    return "gemm"
 
 
 def conv_transpose_region(
@@ -46,15 +97,34 @@ def conv_transpose_region(
         index ``o + crop_left``. Indices outside the full output give zeros.
     compute_dtype : dtype
         Accumulation and result dtype.
-    engine : {"auto", "numpy"}
-        Force an implementation; "auto" picks one.
+    engine : {"auto", "gemm", "numba", "numpy"}
+        Force an implementation; "auto" picks one per layer (:func:`choose_engine`).
 
     Returns
     -------
     ndarray, shape (batch, *out_shape, filters), ``compute_dtype``
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``engine``.
     """
     if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}; expected one of {', '.join(ENGINES)}.")
-    return conv_transpose_region_numpy(
-        x, kernel, strides, dilation, in_origin, out_start, out_shape, np.dtype(compute_dtype)
-    )
+        raise ValueError(
+            f"The `engine` argument must be one of {', '.join(ENGINES)}. "
+            f"Received: engine={engine!r}"
+        )
+    if engine == "auto":
+        engine = choose_engine(kernel.shape, strides, dilation)
+    dtype = np.dtype(compute_dtype)
+    if engine == "gemm":
+        from conv3dt.engine.gemm_engine import conv_transpose_region_gemm
+
+        run = conv_transpose_region_gemm
+    elif engine == "numba":
+        from conv3dt.engine.direct_engine import conv_transpose_region_direct
+
+        run = conv_transpose_region_direct
+    else:
+        run = conv_transpose_region_numpy
+    return run(x, kernel, strides, dilation, in_origin, out_start, out_shape, dtype)

@@ -1,4 +1,9 @@
-"""Vectorized NumPy engine: one GEMM per kernel tap, scattered at the stride."""
+"""Vectorized NumPy engine: one GEMM per kernel tap, scattered at the stride.
+
+Taps are added in a fixed order, and every GEMM runs on blocks of a fixed
+number of rows (a BLAS may sum differently for a different row count), so a
+tile's values equal the untiled ones bit for bit.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["conv_transpose_region_numpy", "tap_slices"]
+__all__ = ["conv_transpose_region_numpy", "stable_matmul", "tap_slices"]
+
+_ROWS = 256
+
+
+def stable_matmul(a: np.ndarray, b: np.ndarray, rows: int = _ROWS) -> np.ndarray:
+    """``a @ b`` for 2D ``a``, computed as GEMMs of exactly ``rows`` rows each.
+
+    Each result row then depends on that row of ``a`` only, not on how many
+    rows ``a`` has or where the row sits.
+    """
+    m, k = a.shape
+    blocks = -(-m // rows)
+    padded = np.zeros((blocks * rows, k), dtype=a.dtype)
+    padded[:m] = a
+    result = np.matmul(padded.reshape(blocks, rows, k), np.ascontiguousarray(b))
+    return result.reshape(blocks * rows, -1)[:m]
 
 
 def tap_slices(
@@ -85,6 +106,7 @@ def conv_transpose_region_numpy(
     for t0, s0, d0 in per_axis[0]:
         for t1, s1, d1 in per_axis[1]:
             for t2, s2, d2 in per_axis[2]:
-                contribution = np.matmul(xc[:, s0, s1, s2, :], kc[t0, t1, t2].T)
-                out[:, d0, d1, d2, :] += contribution
+                src = xc[:, s0, s1, s2, :]
+                contribution = stable_matmul(src.reshape(-1, src.shape[-1]), kc[t0, t1, t2].T)
+                out[:, d0, d1, d2, :] += contribution.reshape(*src.shape[:-1], filters)
     return out

@@ -1,0 +1,101 @@
+"""Numba engine: direct summation over the stride phases, for layers with few channels.
+
+Where channels are few a GEMM has nothing to amortize its packing on and the
+work is bound by writing the output; one fused pass over each output row does
+the least memory traffic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from conv3dt.engine import threads
+from conv3dt.engine.phases import axis_phases
+
+__all__ = ["conv_transpose_region_direct", "is_upsampling"]
+
+# Row widths (stride * filters) that get a kernel compiled for the width (each
+# is one more compilation).
+_FIXED_WIDTHS = (2, 4, 8)
+
+
+def is_upsampling(
+    kernel_size: Sequence[int], strides: Sequence[int], dilation: Sequence[int]
+) -> bool:
+    """Whether every output voxel receives exactly one tap at offset 0 (kernel == stride)."""
+    return all(
+        k == s and (d == 1 or k == 1)
+        for k, s, d in zip(kernel_size, strides, dilation, strict=True)
+    )
+
+
+@lru_cache(maxsize=64)
+def _tap_tables(
+    kernel_size: tuple[int, int, int], strides: tuple[int, int, int], dilation: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per axis and phase: tap count, taps and input offsets (padded to a common shape)."""
+    size_p = max(strides)
+    size_t = max(kernel_size)
+    n_taps = np.zeros((3, size_p), dtype=np.int64)
+    taps = np.zeros((3, size_p, size_t), dtype=np.int64)
+    offsets = np.zeros((3, size_p, size_t), dtype=np.int64)
+    for a in range(3):
+        for ph in axis_phases(kernel_size[a], strides[a], dilation[a]):
+            n = len(ph.taps)
+            n_taps[a, ph.phase] = n
+            taps[a, ph.phase, :n] = ph.taps
+            offsets[a, ph.phase, :n] = ph.offsets
+    for array in (n_taps, taps, offsets):
+        array.flags.writeable = False
+    return n_taps, taps, offsets
+
+
+def conv_transpose_region_direct(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    in_origin: Sequence[int],
+    out_start: Sequence[int],
+    out_shape: Sequence[int],
+    compute_dtype: np.dtype,
+) -> np.ndarray:
+    """Compute a box of the full (uncropped) output by direct summation with Numba.
+
+    Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`.
+    """
+    from conv3dt.engine import numba_kernels as nk
+
+    batch = x.shape[0]
+    filters = kernel.shape[3]
+    out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
+    if out.size == 0 or x.size == 0:
+        return out
+    strides_a = np.array(strides, dtype=np.int64)
+    in_origin_a = np.array(in_origin, dtype=np.int64)
+    out_start_a = np.array(out_start, dtype=np.int64)
+    threads.numba_threads()
+    if is_upsampling(kernel.shape[:3], strides, dilation):
+        # Channels first, so that each channel's input row is contiguous; the kernel
+        # as (kd, kh, C, kw * F): one contiguous run of output per input voxel.
+        xt = np.ascontiguousarray(np.moveaxis(x, 4, 1), dtype=compute_dtype)
+        k0, k1, k2 = kernel.shape[:3]
+        w = np.ascontiguousarray(
+            np.moveaxis(kernel, 4, 2).reshape(k0, k1, -1, k2 * filters), dtype=compute_dtype
+        )
+        width = k2 * filters
+        run = nk.upsample_rows_fixed if width in _FIXED_WIDTHS else nk.upsample_rows
+        run(width, xt, w, strides_a, in_origin_a, out_start_a, out)
+        return out
+    xc = np.ascontiguousarray(x, dtype=compute_dtype)
+    n_taps, taps, offsets = _tap_tables(
+        tuple(int(k) for k in kernel.shape[:3]),
+        tuple(int(s) for s in strides),
+        tuple(int(d) for d in dilation),
+    )
+    w = np.ascontiguousarray(np.moveaxis(kernel, 3, 4), dtype=compute_dtype)
+    nk.direct_region(xc, w, strides_a, in_origin_a, out_start_a, n_taps, taps, offsets, out)
+    return out

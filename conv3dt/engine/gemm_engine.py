@@ -1,0 +1,234 @@
+"""BLAS engine: stride phases as GEMMs over fixed-size row blocks.
+
+The input box is zero-padded and flattened to rows of channels. On that
+flattened grid a tap with offsets ``(r0, r1, r2)`` is a constant row shift, so
+the operand of a phase group is ``len(offsets)`` shifted row windows side by
+side (no strided views, no inserted zeros) and one GEMM per row block yields
+every phase of the group. Numba kernels gather the operand and scatter the
+result rows into the output box; worker threads each run single-threaded GEMMs
+on their own cache-sized blocks.
+
+Why fixed-size blocks: a BLAS may pick a different kernel (and summation
+order) for a different number of rows, so every GEMM of a layer has the same
+shape whatever box is computed. Row results then depend only on the row's
+data, which makes tiles exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from conv3dt.engine import threads
+from conv3dt.engine.phases import AxisGrid, PhaseGroup, axis_grid, axis_phases, phase_groups
+
+__all__ = ["block_rows", "conv_transpose_region_gemm"]
+
+# Rows of every GEMM. OpenBLAS runs products this small without packing its
+# operands, which is what makes narrow GEMMs (few filters per phase) fast.
+_GEMM_ROWS = 128
+# Operand and result bytes one worker handles per task (several GEMMs, one
+# NumPy call): about a core's L2 cache.
+_TASK_BYTES = 1024 * 1024
+_ALIGN = 64
+
+
+def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
+    """Rows of every GEMM of a ``(rows, k) @ (k, n)`` layer, and GEMMs per task.
+
+    Both depend on the layer only (never on the box), so tiles are exact.
+    """
+    rows = _GEMM_ROWS
+    blocks = max(1, _TASK_BYTES // (rows * (k + n) * itemsize))
+    return rows, blocks
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros whose data starts on a cache line (BLAS results then never hinge on alignment)."""
+    count = int(np.prod(shape))
+    raw = np.zeros(count * dtype.itemsize + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+@lru_cache(maxsize=64)
+def _groups(
+    kernel_size: tuple[int, int, int], strides: tuple[int, int, int], dilation: tuple[int, int, int]
+) -> tuple[PhaseGroup, ...]:
+    return phase_groups(kernel_size, strides, dilation)
+
+
+def _group_weights(kernel: np.ndarray, group: PhaseGroup) -> np.ndarray:
+    """The ``(taps * C, phases * F)`` right-hand side of a group's GEMM."""
+    columns = []
+    for triple in group.phases:
+        sub = kernel[np.ix_(triple[0].taps, triple[1].taps, triple[2].taps)]
+        # (n0, n1, n2, F, C) -> rows ordered (tap, channel) as the gathered operand.
+        columns.append(np.moveaxis(sub, 3, 4).reshape(-1, kernel.shape[3]))
+    return np.ascontiguousarray(np.concatenate(columns, axis=1))
+
+
+@dataclass
+class _Job:
+    """One phase group's GEMM, ready to run on row blocks."""
+
+    weights: np.ndarray
+    offsets: np.ndarray
+    phase_table: np.ndarray
+    rows: int
+    blocks: int
+
+
+def _phase_table(group: PhaseGroup, grids: Sequence[AxisGrid]) -> np.ndarray | None:
+    table = np.zeros((len(group.phases), 3, 3), dtype=np.int64)
+    useful = False
+    for m, triple in enumerate(group.phases):
+        present = True
+        for a, ph in enumerate(triple):
+            lo, hi = grids[a].phase_ranges.get(ph.phase, (0, 0))
+            table[m, a] = (ph.phase, lo, hi)
+            present = present and hi > lo
+        useful = useful or present
+    return table if useful else None
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="conv3dt-gemm")
+            _pool_size = workers
+        return _pool
+
+
+def conv_transpose_region_gemm(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    in_origin: Sequence[int],
+    out_start: Sequence[int],
+    out_shape: Sequence[int],
+    compute_dtype: np.dtype,
+) -> np.ndarray:
+    """Compute a box of the full (uncropped) output with BLAS GEMMs per phase group.
+
+    Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`.
+    """
+    from conv3dt.engine import numba_kernels as nk
+
+    batch, channels = x.shape[0], x.shape[4]
+    filters = kernel.shape[3]
+    out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
+    if out.size == 0 or x.size == 0:
+        return out
+    strides = tuple(int(s) for s in strides)
+    dilation = tuple(int(d) for d in dilation)
+    ksize = tuple(int(k) for k in kernel.shape[:3])
+    grids = []
+    for a in range(3):
+        grid = axis_grid(
+            axis_phases(ksize[a], strides[a], dilation[a]),
+            strides[a],
+            int(in_origin[a]),
+            x.shape[1 + a],
+            int(out_start[a]),
+            int(out_shape[a]),
+        )
+        if grid is None:
+            return out
+        grids.append(grid)
+    dims = [g.padded_length for g in grids]
+    pad = [-g.min_offset for g in grids]
+
+    jobs = []
+    kc = kernel.astype(compute_dtype, copy=False)
+    for group in _groups(ksize, strides, dilation):
+        table = _phase_table(group, grids)
+        if table is None:
+            continue
+        offsets = np.array(
+            [
+                (r0 * dims[1] + r1) * dims[2] + r2
+                for r0, r1, r2 in itertools.product(*group.offsets)
+            ],
+            dtype=np.int64,
+        )
+        weights = _group_weights(kc, group)
+        rows, blocks = block_rows(weights.shape[0], weights.shape[1], compute_dtype.itemsize)
+        jobs.append(_Job(weights, offsets, table, rows, blocks))
+    if not jobs:
+        return out
+
+    grid = np.array([g.q_stop - g.q_start for g in grids], dtype=np.int64)
+    total = batch * int(np.prod(grid))
+    xp = np.zeros((batch * dims[0] * dims[1] * dims[2], channels), dtype=compute_dtype)
+    window = [g.input_window(int(in_origin[a]), x.shape[1 + a]) for a, g in enumerate(grids)]
+    xp.reshape(batch, *dims, channels)[:, window[0][1], window[1][1], window[2][1]] = x[
+        :, window[0][0], window[1][0], window[2][0]
+    ]
+
+    tasks = [
+        (index, start)
+        for index, job in enumerate(jobs)
+        for start in range(0, total, job.rows * job.blocks)
+    ]
+    dims_a = np.array(dims, dtype=np.int64)
+    pad_a = np.array(pad, dtype=np.int64)
+    q_start = np.array([g.q_start for g in grids], dtype=np.int64)
+    strides_a = np.array(strides, dtype=np.int64)
+    out_start_a = np.array([int(o) for o in out_start], dtype=np.int64)
+
+    def work(counter: itertools.count) -> None:
+        buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for t in counter:
+            if t >= len(tasks):
+                return
+            index, start = tasks[t]
+            job = jobs[index]
+            k, n = job.weights.shape
+            if index not in buffers:
+                buffers[index] = (
+                    _aligned_zeros((job.blocks, job.rows, k), compute_dtype),
+                    _aligned_zeros((job.blocks, job.rows, n), compute_dtype),
+                )
+            a, g = buffers[index]
+            nk.gather_rows(xp, start, total, grid, dims_a, pad_a, job.offsets, a.reshape(-1, k))
+            np.matmul(a, job.weights, out=g)
+            nk.scatter_rows(
+                g.reshape(-1, n),
+                start,
+                total,
+                grid,
+                q_start,
+                strides_a,
+                out_start_a,
+                job.phase_table,
+                out,
+            )
+
+    workers = min(threads.get_threads(), len(tasks))
+    counter = itertools.count()
+    with threads.blas_threads(1):
+        if workers <= 1:
+            work(counter)
+        else:
+            pool = _executor(workers - 1)
+            futures = [pool.submit(work, counter) for _ in range(workers - 1)]
+            work(counter)
+            for future in futures:
+                future.result()
+    return out

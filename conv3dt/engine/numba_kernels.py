@@ -1,0 +1,276 @@
+"""Numba kernels of the fast engines. Import this module only when a Numba path runs.
+
+Every kernel fixes the order in which an output voxel's terms are added: taps
+in ascending order, then channels. The order never depends on the box being
+computed, so a tile's values equal the untiled ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["direct_region", "gather_rows", "scatter_rows", "upsample_rows", "upsample_rows_fixed"]
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_rows(
+    src: np.ndarray,
+    first: int,
+    total: int,
+    grid: np.ndarray,
+    dims: np.ndarray,
+    pad: np.ndarray,
+    offsets: np.ndarray,
+    dst: np.ndarray,
+) -> None:
+    """Fill a GEMM operand: row ``i`` is grid point ``first + i``, its taps side by side.
+
+    Grid points enumerate ``(batch, grid[0], grid[1], grid[2])`` in C order; point
+    ``(b, u0, u1, u2)`` is row ``((b * dims[0] + u0 + pad[0]) * dims[1] + u1 +
+    pad[1]) * dims[2] + u2 + pad[2]`` of the padded input ``src``, and tap ``j``
+    reads ``offsets[j]`` rows from there. Rows past ``total`` are zeroed.
+    """
+    rows = dst.shape[0]
+    channels = src.shape[1]
+    n_taps = offsets.size
+    i = 0
+    while i < rows:
+        point = first + i
+        if point >= total:
+            dst[i:] = 0
+            return
+        u2 = point % grid[2]
+        line = point // grid[2]
+        u1 = line % grid[1]
+        plane = line // grid[1]
+        u0 = plane % grid[0]
+        b = plane // grid[0]
+        run = min(grid[2] - u2, rows - i, total - point)
+        base = ((b * dims[0] + u0 + pad[0]) * dims[1] + u1 + pad[1]) * dims[2] + u2 + pad[2]
+        for k in range(run):
+            for j in range(n_taps):
+                s = base + k + offsets[j]
+                col = j * channels
+                for c in range(channels):
+                    dst[i + k, col + c] = src[s, c]
+        i += run
+
+
+@numba.njit(nogil=True, cache=True)
+def scatter_rows(
+    g: np.ndarray,
+    first: int,
+    total: int,
+    grid: np.ndarray,
+    q_start: np.ndarray,
+    strides: np.ndarray,
+    out_start: np.ndarray,
+    phase_table: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Copy GEMM result rows (grid points ``first + i``, as in :func:`gather_rows`) to the box.
+
+    Grid point ``u`` is ``q = q_start + u``. Column block ``m`` holds the phase
+    ``phase_table[m, a] = (phase, q_lo, q_hi)`` on each axis ``a``; its output
+    ``q * stride + phase`` is written when ``q_lo <= q < q_hi`` on every axis.
+    """
+    rows = g.shape[0]
+    filters = out.shape[4]
+    n_phases = phase_table.shape[0]
+    i = 0
+    while i < rows:
+        point = first + i
+        if point >= total:
+            return
+        u2 = point % grid[2]
+        line = point // grid[2]
+        u1 = line % grid[1]
+        plane = line // grid[1]
+        u0 = plane % grid[0]
+        b = plane // grid[0]
+        run = min(grid[2] - u2, rows - i, total - point)
+        q0 = q_start[0] + u0
+        q1 = q_start[1] + u1
+        for m in range(n_phases):
+            if not (phase_table[m, 0, 1] <= q0 < phase_table[m, 0, 2]):
+                continue
+            if not (phase_table[m, 1, 1] <= q1 < phase_table[m, 1, 2]):
+                continue
+            o0 = q0 * strides[0] + phase_table[m, 0, 0] - out_start[0]
+            o1 = q1 * strides[1] + phase_table[m, 1, 0] - out_start[1]
+            # The run's q2 values that fall inside this phase's range.
+            lo = max(phase_table[m, 2, 1] - q_start[2] - u2, 0)
+            hi = min(phase_table[m, 2, 2] - q_start[2] - u2, run)
+            col = m * filters
+            for k in range(lo, hi):
+                o2 = (q_start[2] + u2 + k) * strides[2] + phase_table[m, 2, 0] - out_start[2]
+                for f in range(filters):
+                    out[b, o0, o1, o2, f] = g[i + k, col + f]
+        i += run
+
+
+@numba.njit(parallel=True, cache=True)
+def direct_region(
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: np.ndarray,
+    in_origin: np.ndarray,
+    out_start: np.ndarray,
+    n_taps: np.ndarray,
+    taps: np.ndarray,
+    offsets: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Transposed convolution of a box by direct summation, for few channels.
+
+    ``w`` is the kernel as ``(kd, kh, kw, in_channels, filters)``. Axis ``a``'s
+    phase ``p`` has ``n_taps[a, p]`` taps ``taps[a, p, :]`` reading input offsets
+    ``offsets[a, p, :]``. ``out`` must be zeroed. Each output value is summed
+    over taps in ascending order (depth, height, width), each tap's channels
+    in ascending order first.
+    """
+    batch, len0, len1, len2, filters = out.shape
+    n0, n1, n2, channels = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    s0, s1, s2 = strides[0], strides[1], strides[2]
+    for job in numba.prange(batch * len0):
+        b = job // len0
+        l0 = job % len0
+        o0 = out_start[0] + l0
+        p0 = o0 % s0
+        q0 = o0 // s0
+        for l1 in range(len1):
+            o1 = out_start[1] + l1
+            p1 = o1 % s1
+            q1 = o1 // s1
+            row = out[b, l0, l1]
+            for m0 in range(n_taps[0, p0]):
+                i0 = q0 + offsets[0, p0, m0] - in_origin[0]
+                if i0 < 0 or i0 >= n0:
+                    continue
+                t0 = taps[0, p0, m0]
+                for m1 in range(n_taps[1, p1]):
+                    i1 = q1 + offsets[1, p1, m1] - in_origin[1]
+                    if i1 < 0 or i1 >= n1:
+                        continue
+                    t1 = taps[1, p1, m1]
+                    xrow = x[b, i0, i1]
+                    for p2 in range(s2):
+                        # Output positions l2 = q2 * s2 + p2 - out_start[2] inside the box.
+                        q_lo = -((p2 - out_start[2]) // s2)
+                        q_hi = -((p2 - out_start[2] - len2) // s2)
+                        for m2 in range(n_taps[2, p2]):
+                            r = offsets[2, p2, m2]
+                            t2 = taps[2, p2, m2]
+                            # ... whose input q2 + r lies inside the input box.
+                            lo = max(q_lo, in_origin[2] - r)
+                            hi = min(q_hi, in_origin[2] + n2 - r)
+                            first = lo * s2 + p2 - out_start[2]
+                            for f in range(filters):
+                                for q2 in range(lo, hi):
+                                    acc = xrow[q2 + r - in_origin[2], 0] * w[t0, t1, t2, 0, f]
+                                    for c in range(1, channels):
+                                        acc += xrow[q2 + r - in_origin[2], c] * w[t0, t1, t2, c, f]
+                                    row[first + (q2 - lo) * s2, f] += acc
+
+
+@numba.njit(parallel=True, cache=True)
+def upsample_rows(
+    width: int,
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: np.ndarray,
+    in_origin: np.ndarray,
+    out_start: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Transposed convolution with ``kernel == stride`` and no dilation, few channels.
+
+    Every output voxel then receives exactly one tap: ``out[q * s + p] = x[q] @
+    kernel[p]``. ``x`` is the input box channels-first, ``(batch, C, d, h, w)``;
+    ``w`` is the kernel as ``(kd, kh, C, kw * filters)`` and ``width = kw *
+    filters``. ``out`` must be zeroed (voxels without input stay zero). Channels
+    are summed in ascending order.
+    """
+    batch, len0, len1, len2, filters = out.shape
+    channels, n0, n1, n2 = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    s0, s1, s2 = strides[0], strides[1], strides[2]
+    for job in numba.prange(batch * len0):
+        b = job // len0
+        l0 = job % len0
+        o0 = out_start[0] + l0
+        i0 = o0 // s0 - in_origin[0]
+        if i0 < 0 or i0 >= n0:
+            continue
+        p0 = o0 % s0
+        for l1 in range(len1):
+            o1 = out_start[1] + l1
+            i1 = o1 // s1 - in_origin[1]
+            if i1 < 0 or i1 >= n1:
+                continue
+            p1 = o1 % s1
+            wrow = w[p0, p1]
+            row = out[b, l0, l1].reshape(len2 * filters)
+            # Flat output position e = (o2 - out_start[2]) * filters + f, with
+            # o2 = q * s2 + p: q's block of ``width`` values starts at
+            # (q * s2 - out_start[2]) * filters, and j = p * filters + f.
+            q_first = max(out_start[2] // s2, in_origin[2])
+            q_last = min((out_start[2] + len2 - 1) // s2, in_origin[2] + n2 - 1)
+            if q_last < q_first:
+                continue
+            # Blocks cut by the box's ends (only the first and last can be) go element
+            # by element ...
+            size = len2 * filters
+            q_lo = q_first
+            q_hi = q_last + 1
+            for end in range(2):
+                q = q_lo if end == 0 else q_hi - 1
+                if q_hi <= q_lo:
+                    break
+                base = (q * s2 - out_start[2]) * filters
+                if base >= 0 and base + width <= size:
+                    continue
+                for j in range(max(0, -base), min(width, size - base)):
+                    acc = x[b, 0, i0, i1, q - in_origin[2]] * wrow[0, j]
+                    for c in range(1, channels):
+                        acc += x[b, c, i0, i1, q - in_origin[2]] * wrow[c, j]
+                    row[base + j] = acc
+                if end == 0:
+                    q_lo += 1
+                else:
+                    q_hi -= 1
+            # ... whole ones channel by channel with the loop over q innermost: the same
+            # additions in the same order, vectorized.
+            count = q_hi - q_lo
+            if count <= 0:
+                continue
+            first = q_lo - in_origin[2]
+            block = row[(q_lo * s2 - out_start[2]) * filters :]
+            xrow = x[b, 0, i0, i1, first:]
+            wc = wrow[0]
+            for k in range(count):
+                xv = xrow[k]
+                for j in range(width):
+                    block[k * width + j] = xv * wc[j]
+            for c in range(1, channels):
+                xrow = x[b, c, i0, i1, first:]
+                wc = wrow[c]
+                for k in range(count):
+                    xv = xrow[k]
+                    for j in range(width):
+                        block[k * width + j] += xv * wc[j]
+
+
+@numba.njit(cache=True)
+def upsample_rows_fixed(
+    width: int,
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: np.ndarray,
+    in_origin: np.ndarray,
+    out_start: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:func:`upsample_rows` compiled for this ``width``: a constant trip count lets LLVM
+    vectorize the row loop with interleaved stores. For small widths only."""
+    upsample_rows(numba.literally(width), x, w, strides, in_origin, out_start, out)
