@@ -18,7 +18,7 @@ from conv3dt_cli import errors
 
 log = logging.getLogger("conv3dt")
 
-_FORMATS = click.Choice(["npy", "nifti", "hdf5"])
+_FORMATS = click.Choice(["npy", "nifti", "hdf5", "zarr"])
 _OUTPUT_DTYPES = click.Choice(["float32", "float16", "float64", "int16", "uint8"])
 
 
@@ -164,6 +164,25 @@ def main() -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON line per processed file on stdout."
 )
+@click.option(
+    "--shard",
+    metavar="I/N",
+    help="Process only shard I of N of the inputs (0 <= I < N); default from a SLURM job "
+    "array's SLURM_ARRAY_TASK_* variables with --output-dir.",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local:N to start "
+    "N worker processes here. Needs pip install 'conv3dt[dask]'.",
+)
+@click.option(
+    "--dask-scheduler-file",
+    type=click.Path(dir_okay=False),
+    help="Run on the Dask cluster whose scheduler wrote this file (dask-jobqueue, "
+    "dask scheduler --scheduler-file).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages, errors only.")
 @click.option("-v", "--verbose", count=True, help="Log what happens (-vv for more).")
 @_debug_option
@@ -188,6 +207,9 @@ def upsample(
     skip_existing: bool,
     keep_going: bool,
     as_json: bool,
+    shard: str | None,
+    dask_address: str | None,
+    dask_scheduler_file: str | None,
     quiet: bool,
     verbose: int,
     debug: bool,
@@ -221,6 +243,9 @@ def upsample(
             as_json=as_json,
             quiet=quiet,
             debug=debug,
+            shard=shard,
+            dask_address=dask_address,
+            dask_scheduler_file=dask_scheduler_file,
         )
         _exit(code)
 

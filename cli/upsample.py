@@ -81,13 +81,20 @@ def run_upsample(
     as_json: bool,
     quiet: bool,
     debug: bool,
+    shard: str | None = None,
+    dask_address: str | None = None,
+    dask_scheduler_file: str | None = None,
 ) -> int:
-    """Process every input; return the exit code."""
+    """Process every input (or this shard's); return the exit code."""
     from conv3dt.batch import expand_inputs, output_exists, plan_jobs
     from conv3dt.engine import ENGINES
     from conv3dt.plan import parse_memory
     from conv3dt.run import upsample_file
 
+    on_cluster = dask_address is not None or dask_scheduler_file is not None
+    if on_cluster:
+        _check_cluster_options(dask_address, dask_scheduler_file)
+    chosen_shard = _parse_shard(shard, output_dir)
     if engine not in ENGINES:
         raise click.BadParameter(f"expected one of {', '.join(ENGINES)}", param_hint="--engine")
     limit = None
@@ -103,6 +110,10 @@ def run_upsample(
         name_template=name_template,
         output_format=output_format,
     )
+    if chosen_shard is not None:
+        jobs = _select_shard(jobs, *chosen_shard)
+    if on_cluster and any("-" in (job.input, job.output) for job in jobs):
+        raise click.UsageError("--dask works on files; '-' (stdin, stdout) cannot be used with it")
     layer_spec = layer_spec_loader()
     if output_dir is not None:
         try:
@@ -123,10 +134,32 @@ def run_upsample(
                     "or --skip-existing to keep it"
                 )
         todo.append(job)
+    show = not quiet and sys.stderr.isatty()
+    if on_cluster:
+        return _run_on_cluster(
+            todo,
+            layer_spec,
+            dask_address=dask_address,
+            dask_scheduler_file=dask_scheduler_file,
+            run_options={
+                "input_format": input_format,
+                "output_format": output_format,
+                "output_dtype": output_dtype,
+                "memory_limit": limit,
+                "four_d_as_batch": four_d_as_batch,
+                "compression": compression,
+                "engine": engine,
+                "threads": threads,
+            },
+            resume=skip_existing,
+            keep_going=keep_going,
+            as_json=as_json,
+            show=show,
+            debug=debug,
+        )
     from conv3dt.engine.threads import set_threads
 
     set_threads(threads)
-    show = not quiet and sys.stderr.isatty()
     files_bar, voxel_bar = _progress_bars(show, len(todo))
     failures: list[tuple[str, BaseException]] = []
     with _sigterm_as_interrupt():
@@ -176,9 +209,139 @@ def run_upsample(
             )
     if files_bar is not None:
         files_bar.close()
+    return _summary(failures, len(todo))
+
+
+def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:
     if failures:
-        click.echo(f"conv3dt: {len(failures)} of {len(todo)} input(s) failed:", err=True)
+        click.echo(f"conv3dt: {len(failures)} of {total} input(s) failed:", err=True)
         for path, error in failures:
             click.echo(f"  {path}: {errors.message_for(error)}", err=True)
         return errors.EXIT_FAILURE
     return 0
+
+
+def _parse_shard(shard: str | None, output_dir: str | None) -> tuple[int, int] | None:
+    """The shard to process: --shard, else a SLURM array task's (batches only), else None."""
+    from conv3dt.shard import ShardError, parse_shard, shard_from_environment
+
+    if shard is not None:
+        try:
+            return parse_shard(shard)
+        except ShardError as exc:
+            raise click.BadParameter(str(exc), param_hint="--shard") from None
+    if output_dir is None:
+        # A single -o output in an array task is that task's own file, not a shard of one.
+        return None
+    try:
+        found = shard_from_environment()
+    except ShardError as exc:
+        raise click.UsageError(str(exc)) from None
+    if found is not None:
+        log.info("SLURM array task: shard %d/%d", *found)
+    return found
+
+
+def _select_shard(jobs: list[Any], index: int, count: int) -> list[Any]:
+    from conv3dt.shard import select_shard, shard_key
+
+    selected = select_shard(jobs, index, count, key=lambda job: shard_key(job.input))
+    log.info("shard %d/%d: %d of %d input(s)", index, count, len(selected), len(jobs))
+    return selected
+
+
+def _check_cluster_options(dask_address: str | None, dask_scheduler_file: str | None) -> None:
+    from conv3dt.distributed import DaskUnavailableError, import_distributed, local_workers
+
+    if dask_address is not None and dask_scheduler_file is not None:
+        raise click.UsageError("--dask and --dask-scheduler-file exclude each other")
+    if dask_address is not None:
+        try:
+            local_workers(dask_address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--dask") from None
+    option = "--dask" if dask_address is not None else "--dask-scheduler-file"
+    try:
+        import_distributed()
+    except DaskUnavailableError as exc:
+        raise click.UsageError(f"{option}: {exc}") from None
+
+
+def _run_on_cluster(
+    todo: list[Any],
+    layer_spec: Any,
+    *,
+    dask_address: str | None,
+    dask_scheduler_file: str | None,
+    run_options: dict[str, Any],
+    resume: bool,
+    keep_going: bool,
+    as_json: bool,
+    show: bool,
+    debug: bool,
+) -> int:
+    """The batch on a Dask cluster: progress and JSON lines as tasks complete."""
+    from conv3dt.batch import output_exists
+    from conv3dt.distributed import connect, remove_stale_temps, upsample_batch
+
+    if not todo:
+        return 0
+    failures: list[tuple[str, BaseException]] = []
+    files_bar, voxel_bar = _progress_bars(show, len(todo))
+    voxels = voxel_bar("voxels")
+    # Tiles of several files may be in flight at once: one bar sums them.
+    counts: dict[str, tuple[int, int]] = {}
+
+    def progress(job: Any, done: int, total: int) -> None:
+        counts[job.output] = (done, total)
+        if voxels is not None:
+            voxels.total = sum(t for _, t in counts.values())
+            voxels.n = sum(d for d, _ in counts.values())
+            voxels.refresh()
+
+    def on_result(result: Any) -> None:
+        if files_bar is not None:
+            files_bar.update(1)
+        if as_json:
+            click.echo(json.dumps(result.as_json()))
+        log.info(
+            "%s: %.2f s, %.3g voxels/s", result.output, result.seconds, result.voxels_per_second
+        )
+
+    def on_error(job: Any, error: BaseException) -> None:
+        errors.report(error, debug)
+        failures.append((job.input, error))
+
+    # Dask's own messages duplicate the errors reported here; show them with -vv only.
+    dask_level = logging.INFO if log.getEffectiveLevel() <= logging.DEBUG else logging.CRITICAL
+    logging.getLogger("distributed").setLevel(dask_level)
+    session = connect(dask_address, scheduler_file=dask_scheduler_file, log_level=dask_level)
+    try:
+        with _sigterm_as_interrupt(), session:
+            log.info("Dask cluster: %s", session.client)
+            try:
+                upsample_batch(
+                    session.client,
+                    layer_spec,
+                    todo,
+                    **run_options,
+                    resume=resume,
+                    keep_going=keep_going,
+                    on_result=on_result,
+                    on_error=on_error,
+                    progress=progress,
+                )
+            except KeyboardInterrupt:
+                if session.owns_workers:
+                    # The workers are gone once the cluster closes: whatever
+                    # temporary files they were writing are orphans now.
+                    session.close()
+                    for job in todo:
+                        if not output_exists(job.output):
+                            remove_stale_temps(job.output)
+                raise
+    finally:
+        for bar in (voxels, files_bar):
+            if bar is not None:
+                bar.close()
+    return _summary(failures, len(todo))

@@ -17,9 +17,16 @@ __all__ = [
     "split_extension",
 ]
 
-FORMAT_EXTENSIONS = {"npy": ".npy", "nifti": ".nii.gz", "hdf5": ".h5"}
-_EXTENSIONS = (".nii.gz", ".nii", ".npy", ".h5", ".hdf5")
-_FORMATS = {".nii.gz": "nifti", ".nii": "nifti", ".npy": "npy", ".h5": "hdf5", ".hdf5": "hdf5"}
+FORMAT_EXTENSIONS = {"npy": ".npy", "nifti": ".nii.gz", "hdf5": ".h5", "zarr": ".zarr"}
+_EXTENSIONS = (".nii.gz", ".nii", ".npy", ".h5", ".hdf5", ".zarr")
+_FORMATS = {
+    ".nii.gz": "nifti",
+    ".nii": "nifti",
+    ".npy": "npy",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+    ".zarr": "zarr",
+}
 
 
 class BatchError(ValueError):
@@ -49,7 +56,7 @@ def split_extension(path: str) -> tuple[str, str]:
 
     An HDF5 ``:/dataset`` suffix is ignored.
     """
-    name = os.path.basename(_strip_dataset(path))
+    name = os.path.basename(_strip_dataset(path).rstrip("/"))
     lowered = name.lower()
     for ext in _EXTENSIONS:
         if lowered.endswith(ext):
@@ -63,8 +70,18 @@ def format_of(path: str) -> str | None:
     return _FORMATS.get(split_extension(path)[1].lower())
 
 
+def _is_volume_entry(path: str) -> bool:
+    """A volume file, or a Zarr array (which is a directory)."""
+    kind = format_of(path)
+    if kind == "zarr":
+        return os.path.isdir(path)
+    return kind is not None and os.path.isfile(path)
+
+
 def expand_inputs(items: list[str]) -> list[str]:
-    """Expand directories (their volume files, sorted) and glob patterns, keep order, drop repeats.
+    """Expand directories (their volumes, sorted) and glob patterns, keep order, drop repeats.
+
+    A ``.zarr`` directory is a volume, not a directory of volumes.
 
     Raises
     ------
@@ -77,14 +94,16 @@ def expand_inputs(items: list[str]) -> list[str]:
             found.append(item)
             continue
         base = _strip_dataset(item)
-        if os.path.isdir(item):
+        if os.path.isdir(item) and format_of(item) != "zarr":
             entries = sorted(
                 os.path.join(item, name)
                 for name in os.listdir(item)
-                if format_of(name) is not None and os.path.isfile(os.path.join(item, name))
+                if _is_volume_entry(os.path.join(item, name))
             )
             if not entries:
-                raise BatchError(f"{item}: directory holds no .npy, .nii, .nii.gz or .h5 volumes")
+                raise BatchError(
+                    f"{item}: directory holds no .npy, .nii, .nii.gz, .h5 or .zarr volumes"
+                )
             found.extend(entries)
         elif os.path.exists(base):
             found.append(item)

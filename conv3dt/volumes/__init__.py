@@ -2,7 +2,8 @@
 
 Formats are chosen from the file name unless given: ``.npy`` (``"npy"``),
 ``.nii`` / ``.nii.gz`` (``"nifti"``), ``.h5`` / ``.hdf5`` (``"hdf5"``, with
-``file.h5:/group/dataset`` naming a dataset). The path ``"-"`` is a ``.npy``
+``file.h5:/group/dataset`` naming a dataset), ``.zarr`` (``"zarr"``, a directory;
+needs the optional zarr package). The path ``"-"`` is a ``.npy``
 stream on standard input (reading) or standard output (writing).
 """
 
@@ -24,6 +25,7 @@ from conv3dt.volumes.base import (
 from conv3dt.volumes.hdf5 import Hdf5Reader, Hdf5Writer, split_hdf5_path
 from conv3dt.volumes.nifti import NIFTI_DTYPES, NiftiReader, NiftiWriter
 from conv3dt.volumes.npy import NpyReader, NpyStreamReader, NpyStreamWriter, NpyWriter
+from conv3dt.volumes.zarr import ZarrReader, ZarrWriter
 
 __all__ = [
     "FORMATS",
@@ -39,13 +41,14 @@ __all__ = [
     "open_volume",
 ]
 
-FORMATS = ("npy", "hdf5", "nifti")
+FORMATS = ("npy", "hdf5", "nifti", "zarr")
 _EXTENSIONS = {
     ".npy": "npy",
     ".nii": "nifti",
     ".nii.gz": "nifti",
     ".h5": "hdf5",
     ".hdf5": "hdf5",
+    ".zarr": "zarr",
 }
 _FLOAT_DTYPES = tuple(np.dtype(t) for t in ("float32", "float16", "float64"))
 
@@ -60,7 +63,7 @@ def detect_format(path: str) -> str:
     """
     if path == "-":
         return "npy"
-    lowered = path.lower()
+    lowered = path.lower().rstrip("/")
     for extension in sorted(_EXTENSIONS, key=len, reverse=True):
         if lowered.endswith(extension):
             return _EXTENSIONS[extension]
@@ -91,7 +94,7 @@ def open_volume(path: str, format: str | None = None) -> VolumeReader:
     path : str
         A file path; ``file.h5:/group/dataset`` for an HDF5 dataset; ``"-"`` for a
         ``.npy`` stream on standard input (read fully into memory).
-    format : {"npy", "hdf5", "nifti"}, optional
+    format : {"npy", "hdf5", "nifti", "zarr"}, optional
         Overrides the format the extension names.
 
     Returns
@@ -112,6 +115,8 @@ def open_volume(path: str, format: str | None = None) -> VolumeReader:
         return NpyReader(path)
     if format == "hdf5":
         return Hdf5Reader(path)
+    if format == "zarr":
+        return ZarrReader(path)
     return NiftiReader(path)
 
 
@@ -156,7 +161,7 @@ def create_volume(
     dtype : dtype-like
         float32, float16 or float64; NIfTI also int16 and uint8 (stored with
         ``scl_slope`` / ``scl_inter``), and no float16.
-    format : {"npy", "hdf5", "nifti"}, optional
+    format : {"npy", "hdf5", "nifti", "zarr"}, optional
         Overrides the format the extension names.
     template : VolumeMetadata, optional
         The input's metadata: NIfTI copies its header, HDF5 its attributes.
@@ -169,7 +174,7 @@ def create_volume(
     compression : {None, "gzip", "lzf"}
         HDF5 only.
     chunks : tuple of int, optional
-        HDF5 only; None lets h5py choose.
+        HDF5 and Zarr only; None lets h5py choose (Zarr: at most 64 per axis).
     value_range : (float, float), optional
         Integer NIfTI only (ignored otherwise): the data range, to choose the
         scaling before any box arrives; without it the data is buffered in
@@ -199,10 +204,12 @@ def create_volume(
             f"{path}: {format} output cannot be written as dtype={dtype}; "
             f"expected one of {', '.join(str(d) for d in allowed)}"
         )
-    if format != "hdf5" and (compression is not None or chunks is not None):
+    if (compression is not None and format != "hdf5") or (
+        chunks is not None and format not in ("hdf5", "zarr")
+    ):
         raise ValueError(
-            f"`compression` and `chunks` apply to HDF5 only. Received compression="
-            f"{compression!r}, chunks={chunks!r} for {format} output"
+            f"`compression` applies to HDF5 only and `chunks` to HDF5 and Zarr. Received "
+            f"compression={compression!r}, chunks={chunks!r} for {format} output"
         )
     if template is None:
         template = VolumeMetadata()
@@ -220,6 +227,16 @@ def create_volume(
             attrs=attrs,
             chunks=chunks,
             compression=compression,
+        )
+    if format == "zarr":
+        return ZarrWriter(
+            path,
+            shape,
+            dtype,
+            template_attrs=template.attrs,
+            affine=affine,
+            attrs=attrs,
+            chunks=chunks,
         )
     return NiftiWriter(
         path,
