@@ -41,7 +41,9 @@ def test_tiles_partition_the_output(n, k, s, padding, tile):
     covered = np.zeros(plan.output_shape, dtype=int)
     for t in plan:
         covered[tuple(slice(a, b) for a, b in zip(t.out_start, t.out_stop, strict=True))] += 1
-        for g, a, b, i0, i1 in zip(axes, t.out_start, t.out_stop, t.in_start, t.in_stop, strict=True):
+        for g, a, b, i0, i1 in zip(
+            axes, t.out_start, t.out_stop, t.in_start, t.in_stop, strict=True
+        ):
             # Every input voxel whose footprint meets the box is inside the input box.
             for i in range(g.input_length):
                 lo, hi = i * g.stride - g.crop_left, i * g.stride + g.k_eff - 1 - g.crop_left
@@ -103,9 +105,12 @@ def test_tiled_equals_untiled_through_the_layer():
             out = np.full(whole.shape, np.nan, dtype=whole.dtype)
             for tile in plan:
                 box = tuple(
-                    slice(a, b) for a, b in itertools.chain(zip(tile.in_start, tile.in_stop, strict=True))
+                    slice(a, b)
+                    for a, b in itertools.chain(zip(tile.in_start, tile.in_stop, strict=True))
                 )
                 y = compute_tile(layer, axes, x[(slice(None), *box)], tile)
-                obox = tuple(slice(a, b) for a, b in zip(tile.out_start, tile.out_stop, strict=True))
+                obox = tuple(
+                    slice(a, b) for a, b in zip(tile.out_start, tile.out_stop, strict=True)
+                )
                 out[(slice(None), *obox)] = y
             np.testing.assert_array_equal(out, whole, err_msg=str((case, tile_shape)))
