@@ -30,9 +30,14 @@ from conv3dt.engine.phases import AxisGrid, PhaseGroup, axis_grid, axis_phases, 
 
 __all__ = ["block_rows", "conv_transpose_region_gemm"]
 
-# Rows of every GEMM. OpenBLAS runs products this small without packing its
-# operands, which is what makes narrow GEMMs (few filters per phase) fast.
-_GEMM_ROWS = 128
+# OpenBLAS multiplies matrices with rows * k * n up to about this without
+# packing them first, which is much faster for the narrow products of phase
+# groups; larger products use big blocks to amortize the packing.
+_SMALL_PRODUCT = 1_000_000
+_ROW_STEP = 16
+_MAX_SMALL_ROWS = 192
+_MIN_SMALL_ROWS = 32
+_LARGE_ROWS = 256
 # Operand and result bytes one worker handles per task (several GEMMs, one
 # NumPy call): about a core's L2 cache.
 _TASK_BYTES = 1024 * 1024
@@ -44,7 +49,9 @@ def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
 
     Both depend on the layer only (never on the box), so tiles are exact.
     """
-    rows = _GEMM_ROWS
+    rows = min(_SMALL_PRODUCT // (k * n) // _ROW_STEP * _ROW_STEP, _MAX_SMALL_ROWS)
+    if rows < _MIN_SMALL_ROWS:
+        rows = _LARGE_ROWS
     blocks = max(1, _TASK_BYTES // (rows * (k + n) * itemsize))
     return rows, blocks
 
