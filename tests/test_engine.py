@@ -320,10 +320,17 @@ def test_unknown_engine_is_refused() -> None:
 
 
 def test_auto_picks_by_layer() -> None:
+    # Upsampling with few input channels: bound by writing the output.
     assert choose_engine((2, 2, 2, 1, 1), (2, 2, 2), (1, 1, 1)) == "numba"
-    assert choose_engine((3, 3, 3, 2, 2), (1, 1, 1), (2, 2, 2)) == "numba"
-    assert choose_engine((3, 3, 3, 32, 32), (1, 1, 1), (1, 1, 1)) == "gemm"
+    assert choose_engine((2, 2, 2, 64, 3), (2, 2, 2), (1, 1, 1)) == "numba"
     assert choose_engine((2, 2, 2, 32, 64), (2, 2, 2), (1, 1, 1)) == "gemm"
+    # Other layers: direct sums only for a handful of channels.
+    assert choose_engine((3, 3, 3, 1, 2), (1, 1, 1), (2, 2, 2)) == "numba"
+    assert choose_engine((3, 3, 3, 1, 4), (2, 2, 2), (1, 1, 1)) == "numba"
+    assert choose_engine((3, 3, 3, 2, 2), (1, 1, 1), (2, 2, 2)) == "gemm"
+    assert choose_engine((3, 3, 3, 32, 32), (1, 1, 1), (1, 1, 1)) == "gemm"
+    # Dilation breaks kernel == stride's one tap per voxel.
+    assert choose_engine((2, 2, 2, 4, 3), (2, 2, 2), (3, 3, 3)) == "gemm"
 
 
 def test_auto_runs_the_engine_it_chooses() -> None:

@@ -38,9 +38,11 @@ ENGINES = ("auto", "gemm", "numba", "numpy")
 
 # Up to this many input channels an upsampling layer (kernel == stride) is
 # bound by writing its output, and the fused Numba pass beats a GEMM.
-_UPSAMPLE_DIRECT_CHANNELS = 2
-# Up to this many channel pairs (in_channels * filters), any layer.
-_DIRECT_CHANNEL_PAIRS = 4
+_UPSAMPLE_DIRECT_CHANNELS = 4
+# Other layers: the Numba pass does taps * channels * filters scalar
+# multiply-adds per output voxel, which beats a GEMM only for a handful.
+_DIRECT_CHANNEL_PAIRS = 2
+_DIRECT_CHANNELS_ONE_FILTER = 4
 
 
 def choose_engine(
@@ -62,9 +64,11 @@ def choose_engine(
     from conv3dt.engine.direct_engine import is_upsampling
 
     filters, channels = int(kernel_shape[3]), int(kernel_shape[4])
+    if is_upsampling(kernel_shape[:3], strides, dilation):
+        return "numba" if channels <= _UPSAMPLE_DIRECT_CHANNELS else "gemm"
     if channels * filters <= _DIRECT_CHANNEL_PAIRS:
         return "numba"
-    if is_upsampling(kernel_shape[:3], strides, dilation) and channels <= _UPSAMPLE_DIRECT_CHANNELS:
+    if filters == 1 and channels <= _DIRECT_CHANNELS_ONE_FILTER:
         return "numba"
     return "gemm"
 
