@@ -229,7 +229,7 @@ def conv_transpose_region_gemm(
 
     workers = min(threads.get_threads(), len(tasks))
     counter = itertools.count()
-    with threads.blas_threads(1):
+    with threads.single_threaded_blas():
         if workers <= 1:
             work(counter)
         else:

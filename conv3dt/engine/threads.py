@@ -20,12 +20,20 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
-__all__ = ["available_cores", "blas_threads", "get_threads", "numba_threads", "set_threads"]
+__all__ = [
+    "available_cores",
+    "get_threads",
+    "numba_threads",
+    "set_threads",
+    "single_threaded_blas",
+]
 
 _lock = threading.Lock()
 _threads: int | None = None
 _controller: Any = None
 _blas_limiter: Any = None
+_single_users = 0
+_single_limiter: Any = None
 
 
 def available_cores() -> int:
@@ -99,15 +107,24 @@ class set_threads:
 
 
 @contextmanager
-def blas_threads(n: int) -> Iterator[None]:
-    """Limit BLAS to ``n`` threads for a block (the engines' workers each run one-thread GEMMs)."""
+def single_threaded_blas() -> Iterator[None]:
+    """Run BLAS on one thread for a block (the engines' workers each run their own GEMMs).
+
+    Nested and concurrent blocks share one limit; the last to leave restores BLAS.
+    """
+    global _single_users, _single_limiter
     with _lock:
-        limiter = _blas_controller().limit(limits=n, user_api="blas")
+        if _single_users == 0:
+            _single_limiter = _blas_controller().limit(limits=1, user_api="blas")
+        _single_users += 1
     try:
         yield
     finally:
         with _lock:
-            limiter.restore_original_limits()
+            _single_users -= 1
+            if _single_users == 0:
+                _single_limiter.restore_original_limits()
+                _single_limiter = None
 
 
 def numba_threads() -> int:
