@@ -1,12 +1,13 @@
 """BLAS engine: stride phases as GEMMs over fixed-size row blocks.
 
-The input box is zero-padded and flattened to rows of channels. On that
-flattened grid a tap with offsets ``(r0, r1, r2)`` is a constant row shift, so
-the operand of a phase group is ``len(offsets)`` shifted row windows side by
-side (no strided views, no inserted zeros) and one GEMM per row block yields
-every phase of the group. Numba kernels gather the operand and scatter the
-result rows into the output box; worker threads each run single-threaded GEMMs
-on their own cache-sized blocks.
+Each row of a phase group's GEMM is one point ``q`` of the phase grid (see
+:mod:`conv3dt.engine.phases`) and holds the input voxels its taps read, side by
+side; the right-hand side holds every phase's sub-kernel, so one product yields
+all phases of the group at once and no zeros are multiplied. On the input
+flattened to rows of channels (zero-padded where taps reach outside the input
+box) a tap is a constant row offset. Numba kernels gather the operand and
+scatter the result rows into the output box; worker threads each run
+single-threaded GEMMs on their own cache-sized blocks.
 
 Why fixed-size blocks: a BLAS may pick a different kernel (and summation
 order) for a different number of rows, so every GEMM of a layer has the same
@@ -105,6 +106,47 @@ def _phase_table(group: PhaseGroup, grids: Sequence[AxisGrid]) -> np.ndarray | N
     return table if useful else None
 
 
+def _source(
+    x: np.ndarray, grids: Sequence[AxisGrid], in_origin: Sequence[int], dtype: np.dtype
+) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """The input the GEMM rows gather from, as rows of channels.
+
+    Returns the rows, their spatial shape and the shift from grid points to
+    their voxels. The input box itself serves when every tap of every grid point
+    reads inside it; otherwise a zero-padded copy does.
+    """
+    from conv3dt.engine import numba_kernels as nk
+
+    batch, channels = x.shape[0], x.shape[4]
+    inside = all(
+        g.q_start + g.min_offset >= o and g.q_stop <= o + n
+        for g, o, n in zip(grids, in_origin, x.shape[1:4], strict=True)
+    )
+    if inside and x.dtype == dtype and x.flags.c_contiguous:
+        shift = tuple(g.q_start - int(o) for g, o in zip(grids, in_origin, strict=True))
+        return x.reshape(-1, channels), x.shape[1:4], shift
+    dims = tuple(g.padded_length for g in grids)
+    padded = np.zeros((batch, *dims, channels), dtype=dtype)
+    window = [
+        g.input_window(int(o), n) for g, o, n in zip(grids, in_origin, x.shape[1:4], strict=True)
+    ]
+    if x.dtype == dtype:
+        # The copy is as large as the input: on all cores.
+        threads.numba_threads()
+        nk.copy_window(
+            x,
+            padded,
+            np.array([w[0].start for w in window], dtype=np.int64),
+            np.array([w[1].start for w in window], dtype=np.int64),
+            np.array([w[0].stop - w[0].start for w in window], dtype=np.int64),
+        )
+    else:
+        padded[:, window[0][1], window[1][1], window[2][1]] = x[
+            :, window[0][0], window[1][0], window[2][0]
+        ]
+    return padded.reshape(-1, channels), dims, tuple(-g.min_offset for g in grids)
+
+
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -137,7 +179,7 @@ def conv_transpose_region_gemm(
     """
     from conv3dt.engine import numba_kernels as nk
 
-    batch, channels = x.shape[0], x.shape[4]
+    batch = x.shape[0]
     filters = kernel.shape[3]
     out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
     if out.size == 0 or x.size == 0:
@@ -158,15 +200,17 @@ def conv_transpose_region_gemm(
         if grid is None:
             return out
         grids.append(grid)
-    dims = [g.padded_length for g in grids]
-    pad = [-g.min_offset for g in grids]
-
-    jobs = []
+    groups = [
+        (group, table)
+        for group in _groups(ksize, strides, dilation)
+        if (table := _phase_table(group, grids)) is not None
+    ]
+    if not groups:
+        return out
+    src, dims, shift = _source(x, grids, in_origin, compute_dtype)
     kc = kernel.astype(compute_dtype, copy=False)
-    for group in _groups(ksize, strides, dilation):
-        table = _phase_table(group, grids)
-        if table is None:
-            continue
+    jobs = []
+    for group, table in groups:
         offsets = np.array(
             [
                 (r0 * dims[1] + r1) * dims[2] + r2
@@ -177,24 +221,15 @@ def conv_transpose_region_gemm(
         weights = _group_weights(kc, group)
         rows, blocks = block_rows(weights.shape[0], weights.shape[1], compute_dtype.itemsize)
         jobs.append(_Job(weights, offsets, table, rows, blocks))
-    if not jobs:
-        return out
-
     grid = np.array([g.q_stop - g.q_start for g in grids], dtype=np.int64)
     total = batch * int(np.prod(grid))
-    xp = np.zeros((batch * dims[0] * dims[1] * dims[2], channels), dtype=compute_dtype)
-    window = [g.input_window(int(in_origin[a]), x.shape[1 + a]) for a, g in enumerate(grids)]
-    xp.reshape(batch, *dims, channels)[:, window[0][1], window[1][1], window[2][1]] = x[
-        :, window[0][0], window[1][0], window[2][0]
-    ]
-
     tasks = [
         (index, start)
         for index, job in enumerate(jobs)
         for start in range(0, total, job.rows * job.blocks)
     ]
     dims_a = np.array(dims, dtype=np.int64)
-    pad_a = np.array(pad, dtype=np.int64)
+    shift_a = np.array(shift, dtype=np.int64)
     q_start = np.array([g.q_start for g in grids], dtype=np.int64)
     strides_a = np.array(strides, dtype=np.int64)
     out_start_a = np.array([int(o) for o in out_start], dtype=np.int64)
@@ -213,7 +248,7 @@ def conv_transpose_region_gemm(
                     _aligned_zeros((job.blocks, job.rows, n), compute_dtype),
                 )
             a, g = buffers[index]
-            nk.gather_rows(xp, start, total, grid, dims_a, pad_a, job.offsets, a.reshape(-1, k))
+            nk.gather_rows(src, start, total, grid, dims_a, shift_a, job.offsets, a.reshape(-1, k))
             np.matmul(a, job.weights, out=g)
             nk.scatter_rows(
                 g.reshape(-1, n),

@@ -10,7 +10,28 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["direct_region", "gather_rows", "scatter_rows", "upsample_rows", "upsample_rows_fixed"]
+__all__ = [
+    "copy_window",
+    "direct_region",
+    "gather_rows",
+    "scatter_rows",
+    "upsample_rows",
+    "upsample_rows_fixed",
+]
+
+
+@numba.njit(parallel=True, cache=True)
+def copy_window(
+    src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, dst_start: np.ndarray, size: np.ndarray
+) -> None:
+    """``dst[:, dst_start + i] = src[:, src_start + i]`` for ``0 <= i < size`` (3D boxes)."""
+    for job in numba.prange(src.shape[0] * size[0]):
+        b = job // size[0]
+        i0 = job % size[0]
+        for i1 in range(size[1]):
+            s = src[b, src_start[0] + i0, src_start[1] + i1]
+            d = dst[b, dst_start[0] + i0, dst_start[1] + i1]
+            d[dst_start[2] : dst_start[2] + size[2]] = s[src_start[2] : src_start[2] + size[2]]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -20,16 +41,17 @@ def gather_rows(
     total: int,
     grid: np.ndarray,
     dims: np.ndarray,
-    pad: np.ndarray,
+    shift: np.ndarray,
     offsets: np.ndarray,
     dst: np.ndarray,
 ) -> None:
     """Fill a GEMM operand: row ``i`` is grid point ``first + i``, its taps side by side.
 
     Grid points enumerate ``(batch, grid[0], grid[1], grid[2])`` in C order; point
-    ``(b, u0, u1, u2)`` is row ``((b * dims[0] + u0 + pad[0]) * dims[1] + u1 +
-    pad[1]) * dims[2] + u2 + pad[2]`` of the padded input ``src``, and tap ``j``
-    reads ``offsets[j]`` rows from there. Rows past ``total`` are zeroed.
+    ``(b, u0, u1, u2)`` is voxel ``(b, u0 + shift[0], u1 + shift[1], u2 + shift[2])``
+    of the input ``src`` (of spatial shape ``dims``, flattened to rows of
+    channels), and tap ``j`` reads ``offsets[j]`` rows from there. Rows past
+    ``total`` are zeroed.
     """
     rows = dst.shape[0]
     channels = src.shape[1]
@@ -47,7 +69,8 @@ def gather_rows(
         u0 = plane % grid[0]
         b = plane // grid[0]
         run = min(grid[2] - u2, rows - i, total - point)
-        base = ((b * dims[0] + u0 + pad[0]) * dims[1] + u1 + pad[1]) * dims[2] + u2 + pad[2]
+        base = ((b * dims[0] + u0 + shift[0]) * dims[1] + u1 + shift[1]) * dims[2]
+        base += u2 + shift[2]
         for k in range(run):
             for j in range(n_taps):
                 s = base + k + offsets[j]
