@@ -2,11 +2,10 @@
 
 Each row of a phase group's GEMM is one point ``q`` of the phase grid (see
 :mod:`conv3dt.engine.phases`) and holds the input voxels its taps read, side by
-side; the right-hand side holds every phase's sub-kernel, so one product yields
-all phases of the group at once and no zeros are multiplied. On the input
-flattened to rows of channels (zero-padded where taps reach outside the input
-box) a tap is a constant row offset. Numba kernels gather the operand and
-scatter the result rows into the output box; worker threads each run
+side (zeros where a tap reaches outside the input box); the right-hand side
+holds every phase's sub-kernel, so one product yields all phases of the group
+at once and no inserted zeros are multiplied. Numba kernels gather the operand
+and scatter the result rows into the output box; worker threads each run
 single-threaded GEMMs on their own cache-sized blocks.
 
 Why fixed-size blocks: a BLAS may pick a different kernel (and summation
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -106,47 +105,6 @@ def _phase_table(group: PhaseGroup, grids: Sequence[AxisGrid]) -> np.ndarray | N
     return table if useful else None
 
 
-def _source(
-    x: np.ndarray, grids: Sequence[AxisGrid], in_origin: Sequence[int], dtype: np.dtype
-) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
-    """The input the GEMM rows gather from, as rows of channels.
-
-    Returns the rows, their spatial shape and the shift from grid points to
-    their voxels. The input box itself serves when every tap of every grid point
-    reads inside it; otherwise a zero-padded copy does.
-    """
-    from conv3dt.engine import numba_kernels as nk
-
-    batch, channels = x.shape[0], x.shape[4]
-    inside = all(
-        g.q_start + g.min_offset >= o and g.q_stop <= o + n
-        for g, o, n in zip(grids, in_origin, x.shape[1:4], strict=True)
-    )
-    if inside and x.dtype == dtype and x.flags.c_contiguous:
-        shift = tuple(g.q_start - int(o) for g, o in zip(grids, in_origin, strict=True))
-        return x.reshape(-1, channels), x.shape[1:4], shift
-    dims = tuple(g.padded_length for g in grids)
-    padded = np.zeros((batch, *dims, channels), dtype=dtype)
-    window = [
-        g.input_window(int(o), n) for g, o, n in zip(grids, in_origin, x.shape[1:4], strict=True)
-    ]
-    if x.dtype == dtype:
-        # The copy is as large as the input: on all cores.
-        threads.numba_threads()
-        nk.copy_window(
-            x,
-            padded,
-            np.array([w[0].start for w in window], dtype=np.int64),
-            np.array([w[1].start for w in window], dtype=np.int64),
-            np.array([w[0].stop - w[0].start for w in window], dtype=np.int64),
-        )
-    else:
-        padded[:, window[0][1], window[1][1], window[2][1]] = x[
-            :, window[0][0], window[1][0], window[2][0]
-        ]
-    return padded.reshape(-1, channels), dims, tuple(-g.min_offset for g in grids)
-
-
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -161,6 +119,23 @@ def _executor(workers: int) -> ThreadPoolExecutor:
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="conv3dt-gemm")
             _pool_size = workers
         return _pool
+
+
+def _on_workers(n_tasks: int, worker: Callable[[Iterator[int]], None]) -> None:
+    """Run ``worker`` on the calling thread and up to ``threads - 1`` pool threads, all
+    drawing task numbers ``0 .. n_tasks - 1`` from one shared counter."""
+    counter = iter(range(n_tasks))
+    workers = min(threads.get_threads(), n_tasks)
+    if workers <= 1:
+        worker(counter)
+        return
+    pool = _executor(workers - 1)
+    futures = [pool.submit(worker, counter) for _ in range(workers - 1)]
+    try:
+        worker(counter)
+    finally:
+        for future in futures:
+            future.result()
 
 
 def conv_transpose_region_gemm(
@@ -181,12 +156,11 @@ def conv_transpose_region_gemm(
 
     batch = x.shape[0]
     filters = kernel.shape[3]
-    out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
-    if out.size == 0 or x.size == 0:
-        return out
     strides = tuple(int(s) for s in strides)
     dilation = tuple(int(d) for d in dilation)
     ksize = tuple(int(k) for k in kernel.shape[:3])
+    if x.size == 0:
+        return np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
     grids = []
     for a in range(3):
         grid = axis_grid(
@@ -198,26 +172,23 @@ def conv_transpose_region_gemm(
             int(out_shape[a]),
         )
         if grid is None:
-            return out
+            return np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
         grids.append(grid)
     groups = [
         (group, table)
         for group in _groups(ksize, strides, dilation)
         if (table := _phase_table(group, grids)) is not None
     ]
-    if not groups:
+    # Where the phase ranges cover the box, the scatter writes every output voxel.
+    covered = all(g.covers_box for g in grids)
+    out = (np.empty if covered else np.zeros)((batch, *out_shape, filters), dtype=compute_dtype)
+    if out.size == 0:
         return out
-    src, dims, shift = _source(x, grids, in_origin, compute_dtype)
+    src = np.ascontiguousarray(x, dtype=compute_dtype)
     kc = kernel.astype(compute_dtype, copy=False)
     jobs = []
     for group, table in groups:
-        offsets = np.array(
-            [
-                (r0 * dims[1] + r1) * dims[2] + r2
-                for r0, r1, r2 in itertools.product(*group.offsets)
-            ],
-            dtype=np.int64,
-        )
+        offsets = np.array(list(itertools.product(*group.offsets)), dtype=np.int64)
         weights = _group_weights(kc, group)
         rows, blocks = block_rows(weights.shape[0], weights.shape[1], compute_dtype.itemsize)
         jobs.append(_Job(weights, offsets, table, rows, blocks))
@@ -228,17 +199,17 @@ def conv_transpose_region_gemm(
         for index, job in enumerate(jobs)
         for start in range(0, total, job.rows * job.blocks)
     ]
-    dims_a = np.array(dims, dtype=np.int64)
-    shift_a = np.array(shift, dtype=np.int64)
+    # Grid point u is voxel q_start + u - in_origin of the input box.
+    shift = np.array(
+        [g.q_start - int(o) for g, o in zip(grids, in_origin, strict=True)], dtype=np.int64
+    )
     q_start = np.array([g.q_start for g in grids], dtype=np.int64)
     strides_a = np.array(strides, dtype=np.int64)
     out_start_a = np.array([int(o) for o in out_start], dtype=np.int64)
 
-    def work(counter: itertools.count) -> None:
+    def multiply(counter: Iterator[int]) -> None:
         buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for t in counter:
-            if t >= len(tasks):
-                return
             index, start = tasks[t]
             job = jobs[index]
             k, n = job.weights.shape
@@ -248,7 +219,7 @@ def conv_transpose_region_gemm(
                     _aligned_zeros((job.blocks, job.rows, n), compute_dtype),
                 )
             a, g = buffers[index]
-            nk.gather_rows(src, start, total, grid, dims_a, shift_a, job.offsets, a.reshape(-1, k))
+            nk.gather_rows(src, start, total, grid, shift, job.offsets, a.reshape(-1, k))
             np.matmul(a, job.weights, out=g)
             nk.scatter_rows(
                 g.reshape(-1, n),
@@ -262,15 +233,6 @@ def conv_transpose_region_gemm(
                 out,
             )
 
-    workers = min(threads.get_threads(), len(tasks))
-    counter = itertools.count()
     with threads.single_threaded_blas():
-        if workers <= 1:
-            work(counter)
-        else:
-            pool = _executor(workers - 1)
-            futures = [pool.submit(work, counter) for _ in range(workers - 1)]
-            work(counter)
-            for future in futures:
-                future.result()
+        _on_workers(len(tasks), multiply)
     return out

@@ -11,7 +11,6 @@ import numba
 import numpy as np
 
 __all__ = [
-    "copy_window",
     "direct_region",
     "gather_rows",
     "scatter_rows",
@@ -20,27 +19,12 @@ __all__ = [
 ]
 
 
-@numba.njit(parallel=True, cache=True)
-def copy_window(
-    src: np.ndarray, dst: np.ndarray, src_start: np.ndarray, dst_start: np.ndarray, size: np.ndarray
-) -> None:
-    """``dst[:, dst_start + i] = src[:, src_start + i]`` for ``0 <= i < size`` (3D boxes)."""
-    for job in numba.prange(src.shape[0] * size[0]):
-        b = job // size[0]
-        i0 = job % size[0]
-        for i1 in range(size[1]):
-            s = src[b, src_start[0] + i0, src_start[1] + i1]
-            d = dst[b, dst_start[0] + i0, dst_start[1] + i1]
-            d[dst_start[2] : dst_start[2] + size[2]] = s[src_start[2] : src_start[2] + size[2]]
-
-
 @numba.njit(nogil=True, cache=True)
 def gather_rows(
     src: np.ndarray,
     first: int,
     total: int,
     grid: np.ndarray,
-    dims: np.ndarray,
     shift: np.ndarray,
     offsets: np.ndarray,
     dst: np.ndarray,
@@ -48,14 +32,18 @@ def gather_rows(
     """Fill a GEMM operand: row ``i`` is grid point ``first + i``, its taps side by side.
 
     Grid points enumerate ``(batch, grid[0], grid[1], grid[2])`` in C order; point
-    ``(b, u0, u1, u2)`` is voxel ``(b, u0 + shift[0], u1 + shift[1], u2 + shift[2])``
-    of the input ``src`` (of spatial shape ``dims``, flattened to rows of
-    channels), and tap ``j`` reads ``offsets[j]`` rows from there. Rows past
-    ``total`` are zeroed.
+    ``(b, u0, u1, u2)`` is voxel ``(b, u + shift)`` of the input box ``src`` and
+    tap ``j`` reads voxel ``(b, u + shift + offsets[j])``, or zeros outside the
+    box. Rows past ``total`` are zeroed.
     """
     rows = dst.shape[0]
-    channels = src.shape[1]
-    n_taps = offsets.size
+    n0, n1, n2, channels = src.shape[1], src.shape[2], src.shape[3], src.shape[4]
+    flat = src.reshape(-1, channels)
+    n_taps = offsets.shape[0]
+    # Per tap, on the current line: first voxel's row, and the run's part inside the box.
+    base = np.empty(n_taps, dtype=np.int64)
+    lo = np.empty(n_taps, dtype=np.int64)
+    hi = np.empty(n_taps, dtype=np.int64)
     i = 0
     while i < rows:
         point = first + i
@@ -69,14 +57,26 @@ def gather_rows(
         u0 = plane % grid[0]
         b = plane // grid[0]
         run = min(grid[2] - u2, rows - i, total - point)
-        base = ((b * dims[0] + u0 + shift[0]) * dims[1] + u1 + shift[1]) * dims[2]
-        base += u2 + shift[2]
+        for j in range(n_taps):
+            v0 = u0 + shift[0] + offsets[j, 0]
+            v1 = u1 + shift[1] + offsets[j, 1]
+            v2 = u2 + shift[2] + offsets[j, 2]
+            base[j] = ((b * n0 + v0) * n1 + v1) * n2 + v2
+            lo[j] = 0
+            hi[j] = 0
+            if 0 <= v0 < n0 and 0 <= v1 < n1:
+                lo[j] = min(max(0, -v2), run)
+                hi[j] = max(min(run, n2 - v2), lo[j])
         for k in range(run):
             for j in range(n_taps):
-                s = base + k + offsets[j]
                 col = j * channels
-                for c in range(channels):
-                    dst[i + k, col + c] = src[s, c]
+                if lo[j] <= k < hi[j]:
+                    s = base[j] + k
+                    for c in range(channels):
+                        dst[i + k, col + c] = flat[s, c]
+                else:
+                    for c in range(channels):
+                        dst[i + k, col + c] = 0
         i += run
 
 

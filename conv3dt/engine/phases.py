@@ -106,36 +106,25 @@ class AxisGrid:
     """One box on one axis, placed on the phase grid.
 
     Output ``q * stride + p`` of every phase is computed for ``q`` in
-    ``[q_start, q_stop)``; the zero-padded input is laid out so that padded
-    index ``j`` holds absolute input ``q_start + min_offset + j``. Outputs of a
-    phase outside that phase's own ``[start, stop)`` are computed and dropped.
+    ``[q_start, q_stop)``; outputs of a phase outside that phase's own
+    ``[start, stop)`` are computed and dropped.
 
     Attributes
     ----------
     q_start, q_stop : int
         The common grid.
-    min_offset : int
-        The most negative offset of any tap (padding before the grid).
-    padded_length : int
-        ``q_stop - q_start - min_offset``.
     phase_ranges : dict
         ``{phase: (start, stop)}``: the ``q`` whose output lies in the box and
         can receive input; empty phases are left out.
+    covers_box : bool
+        Whether every output of the box lies in some phase's range (else some
+        outputs receive no input and are zero).
     """
 
     q_start: int
     q_stop: int
-    min_offset: int
-    padded_length: int
     phase_ranges: dict[int, tuple[int, int]]
-
-    def input_window(self, in_origin: int, in_length: int) -> tuple[slice, slice]:
-        """Slices (into the input box, into the padded axis) that copy the overlap."""
-        first = self.q_start + self.min_offset
-        lo = max(in_origin, first)
-        hi = min(in_origin + in_length, first + self.padded_length)
-        hi = max(hi, lo)
-        return slice(lo - in_origin, hi - in_origin), slice(lo - first, hi - first)
+    covers_box: bool
 
 
 def axis_grid(
@@ -150,7 +139,6 @@ def axis_grid(
 
     Returns None when no output of the box can receive input.
     """
-    min_offset = min(min(ph.offsets) for ph in phases)
     ranges = {}
     for ph in phases:
         # q * stride + p inside the box ...
@@ -165,4 +153,6 @@ def axis_grid(
         return None
     q_start = min(lo for lo, _ in ranges.values())
     q_stop = max(hi for _, hi in ranges.values())
-    return AxisGrid(q_start, q_stop, min_offset, q_stop - q_start - min_offset, ranges)
+    # Each output index is one (phase, q): the ranges cover the box if their sizes add up.
+    covered = sum(hi - lo for lo, hi in ranges.values()) == out_length
+    return AxisGrid(q_start, q_stop, ranges, covered)
