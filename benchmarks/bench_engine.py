@@ -5,10 +5,11 @@ input. Every conv3dt engine (and ``auto``) computes the Keras output box with
 :func:`conv3dt.engine.conv_transpose_region`; PyTorch, when importable, runs
 ``torch.nn.functional.conv_transpose3d`` on the same data channels-first with
 zero padding, and its full output is cropped to Keras's window with the crops of
-:func:`conv3dt.ops.layer_geometry` (a view, not timed beyond the convolution).
+:func:`conv3dt.ops.layer_geometry` (a view: the crop costs nothing).
 
 The table gives, per workload and engine: the median time of several runs
-after a warm-up (so Numba compilation is not counted), GFLOP/s counted as
+after a warm-up (so Numba compilation is not counted; the cases take turns so
+that all meet the same machine state), GFLOP/s counted as
 ``2 * batch * input_voxels * in_channels * filters * kernel_voxels``, that
 rate as a share of this machine's float32 NumPy matmul rate (measured in the
 same run), the speed-up over PyTorch (its time divided by ours) and the largest
@@ -78,21 +79,30 @@ WORKLOADS = [
 ]
 
 
-def timed(call: Callable[[], object], repeats: int, budget: float) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls after one warm-up call, and the last result.
+def interleaved(
+    calls: dict[str, Callable[[], object]], repeats: int, budget: float
+) -> dict[str, float]:
+    """Median seconds per call, timing the calls in turn (one round after another).
 
-    A call slower than ``budget`` seconds is timed once only.
+    Taking turns lets every call meet the same machine state (other processes,
+    memory the kernel has to zero for fresh outputs). A call slower than
+    ``budget`` seconds in its warm-up is timed once only.
     """
-    start = time.perf_counter()
-    result = call()
-    if time.perf_counter() - start > budget:
-        repeats = 1
-    times = []
-    for _ in range(repeats):
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    slow = set()
+    for name, call in calls.items():
         start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        call()
+        if time.perf_counter() - start > budget:
+            slow.add(name)
+    for round_ in range(repeats):
+        for name, call in calls.items():
+            if name in slow and round_ > 0:
+                continue
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def matmul_rate(size: int = 2048) -> float:
@@ -101,7 +111,11 @@ def matmul_rate(size: int = 2048) -> float:
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
     a @ b
-    best = min(timed(lambda: a @ b, 1, 10.0)[0] for _ in range(5))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
 
@@ -139,25 +153,21 @@ def run(args: argparse.Namespace) -> None:
         )
         crop = tuple(g.crop_left for g in axes)
         shape = tuple(g.output_length for g in axes)
-        torch_time = None
-        reference = None
+        calls: dict[str, Callable[[], object]] = {}
         if torch is not None:
             xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
             wt = torch.from_numpy(np.ascontiguousarray(kernel.transpose(4, 3, 0, 1, 2)))
 
-            def torch_call(xt=xt, wt=wt, w=w) -> object:
+            window = tuple(slice(c, c + n) for c, n in zip(crop, shape, strict=True))
+
+            def torch_call(xt=xt, wt=wt, w=w, window=window) -> object:
                 with torch.no_grad():
-                    return torch.nn.functional.conv_transpose3d(
+                    full = torch.nn.functional.conv_transpose3d(
                         xt, wt, stride=w.stride, dilation=w.dilation
                     )
+                return full[(slice(None), slice(None), *window)]
 
-            torch_time, full = timed(torch_call, args.repeats, args.budget)
-            window = tuple(slice(c, c + n) for c, n in zip(crop, shape, strict=True))
-            reference = np.moveaxis(full.numpy()[(slice(None), slice(None), *window)], 1, -1)
-            print(
-                f"{w.name:<3} {'torch':<10} {torch_time:>9.4f} {w.flops / torch_time / 1e9:>8.1f} "
-                f"{100 * w.flops / torch_time / 1e9 / rate:>8.0f}% {1.0:>8.2f}x {'':>12}"
-            )
+            calls["torch"] = torch_call
         for engine in args.engines:
 
             def call(engine=engine, x=x, kernel=kernel, w=w, crop=crop, shape=shape) -> np.ndarray:
@@ -173,18 +183,24 @@ def run(args: argparse.Namespace) -> None:
                     engine=engine,
                 )
 
-            seconds, out = timed(call, args.repeats, args.budget)
-            gflops = w.flops / seconds / 1e9
-            label = engine
-            if engine == "auto":
+            calls[engine] = call
+        diffs = {}
+        if torch is not None:
+            reference = np.moveaxis(calls["torch"]().numpy(), 1, -1)
+            scale = float(np.abs(reference).max()) or 1.0
+            for engine in args.engines:
+                diffs[engine] = float(np.abs(calls[engine]() - reference).max()) / scale
+            del reference
+        seconds = interleaved(calls, args.repeats, args.budget)
+        for name, t in seconds.items():
+            gflops = w.flops / t / 1e9
+            label = name
+            if name == "auto":
                 label = "auto:" + choose_engine(kernel.shape, (w.stride,) * 3, (w.dilation,) * 3)
-            speedup = diff = ""
-            if reference is not None and torch_time is not None:
-                speedup = f"{torch_time / seconds:.2f}x"
-                scale = float(np.abs(reference).max()) or 1.0
-                diff = f"{float(np.abs(out - reference).max()) / scale:.1e}"
+            speedup = f"{seconds['torch'] / t:.2f}x" if "torch" in seconds else ""
+            diff = f"{diffs[name]:.1e}" if name in diffs else ""
             print(
-                f"{w.name:<3} {label:<10} {seconds:>9.4f} {gflops:>8.1f} "
+                f"{w.name:<3} {label:<10} {t:>9.4f} {gflops:>8.1f} "
                 f"{100 * gflops / rate:>8.0f}% {speedup:>9} {diff:>12}"
             )
         print(f"    {w.describe()}; goal: {w.goal:g}x PyTorch")
