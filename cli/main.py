@@ -171,6 +171,12 @@ def main() -> None:
     "array's SLURM_ARRAY_TASK_* variables with --output-dir.",
 )
 @click.option(
+    "--tile-shape",
+    metavar="D,H,W",
+    help="Force the output tile shape instead of planning it from --memory-limit "
+    "(benchmarks, tests; with --dask also the tasks' size).",
+)
+@click.option(
     "--dask",
     "dask_address",
     metavar="ADDRESS",
@@ -208,6 +214,7 @@ def upsample(
     keep_going: bool,
     as_json: bool,
     shard: str | None,
+    tile_shape: str | None,
     dask_address: str | None,
     dask_scheduler_file: str | None,
     quiet: bool,
@@ -244,6 +251,7 @@ def upsample(
             quiet=quiet,
             debug=debug,
             shard=shard,
+            tile_shape=tile_shape,
             dask_address=dask_address,
             dask_scheduler_file=dask_scheduler_file,
         )

@@ -82,6 +82,7 @@ def run_upsample(
     quiet: bool,
     debug: bool,
     shard: str | None = None,
+    tile_shape: str | None = None,
     dask_address: str | None = None,
     dask_scheduler_file: str | None = None,
 ) -> int:
@@ -103,6 +104,7 @@ def run_upsample(
             limit = parse_memory(memory_limit)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--memory-limit") from None
+    tiles = None if tile_shape is None else _parse_tile_shape(tile_shape)
     jobs = plan_jobs(
         expand_inputs(inputs),
         output=output,
@@ -146,6 +148,7 @@ def run_upsample(
                 "output_format": output_format,
                 "output_dtype": output_dtype,
                 "memory_limit": limit,
+                "tile_shape": tiles,
                 "four_d_as_batch": four_d_as_batch,
                 "compression": compression,
                 "engine": engine,
@@ -182,6 +185,7 @@ def run_upsample(
                     output_format=output_format,
                     output_dtype=output_dtype,
                     memory_limit=limit,
+                    tile_shape=tiles,
                     four_d_as_batch=four_d_as_batch,
                     compression=compression,
                     engine=engine,
@@ -219,6 +223,18 @@ def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:
             click.echo(f"  {path}: {errors.message_for(error)}", err=True)
         return errors.EXIT_FAILURE
     return 0
+
+
+def _parse_tile_shape(text: str) -> tuple[int, int, int]:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise click.BadParameter(
+            f"{text!r}: expected three positive integers D,H,W (or one for all three)",
+            param_hint="--tile-shape",
+        )
+    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
 def _parse_shard(shard: str | None, output_dir: str | None) -> tuple[int, int] | None:

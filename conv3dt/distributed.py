@@ -31,10 +31,13 @@ which also reads each input's header to plan its tiles.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import glob
 import hashlib
+import io
+import itertools
 import json
 import logging
 import math
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npformat
 
 from conv3dt import __version__
 from conv3dt.batch import Job
@@ -66,7 +70,7 @@ from conv3dt.volumes import (
 )
 from conv3dt.volumes.base import fsync_path, normalize_box, pwrite_all, write_raw_box
 from conv3dt.volumes.hdf5 import split_hdf5_path
-from conv3dt.volumes.npy import NpyReader, header_bytes
+from conv3dt.volumes.npy import NpyReader
 from conv3dt.volumes.zarr import (
     create_zarr_array,
     fsync_box,
@@ -99,6 +103,13 @@ _FLOAT_DTYPES = tuple(np.dtype(t) for t in ("float32", "float16", "float64"))
 # Tiles per worker slot when a file is split for the cluster: more than one
 # evens out the slots' finishing times.
 _TILES_PER_SLOT = 2
+# Tasks handed to the scheduler at a time, per worker slot: enough to keep every
+# slot busy, few enough that the client keeps up with completions and an
+# interrupted run has little to cancel, however many tiles a volume has.
+_TASKS_PER_SLOT = 4
+# Bytes per box when a scratch .npy is copied into a NIfTI or HDF5 target
+# (without a memory limit to take a share of).
+_COPY_BYTES = 64 << 20
 
 
 class DaskUnavailableError(ImportError):
@@ -417,6 +428,7 @@ class _TileContext:
     target: str
     scratch: str
     scratch_format: str
+    scratch_order: str
     data_offset: int
     in_layout: DiskLayout
     out_layout: DiskLayout
@@ -469,16 +481,13 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
             array[out_box] = stored
             fsync_box(array, context.scratch, out_box)
         else:
+            shape = context.out_layout.shape
+            if context.scratch_order == "F":
+                # Fortran order is C order of the reversed axes.
+                shape, out_box, stored = shape[::-1], out_box[::-1], stored.T
             fd = os.open(context.scratch, os.O_RDWR | getattr(os, "O_BINARY", 0))
             try:
-                write_raw_box(
-                    fd,
-                    context.data_offset,
-                    context.out_layout.shape,
-                    context.dtype,
-                    out_box,
-                    stored,
-                )
+                write_raw_box(fd, context.data_offset, shape, context.dtype, out_box, stored)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -513,6 +522,51 @@ def _convert_task(context: _ConvertContext) -> int:
     _remove(context.record)
     _remove(context.scratch)
     return peak_rss_bytes()
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype, order: str) -> bytes:
+    """The .npy header of an array stored in C or Fortran order."""
+    buffer = io.BytesIO()
+    header = {
+        "descr": npformat.dtype_to_descr(dtype),
+        "fortran_order": order == "F",
+        "shape": tuple(shape),
+    }
+    npformat.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _slabs(
+    shape: tuple[int, ...], order: str, itemsize: int, limit: int
+) -> list[tuple[slice, ...]]:
+    """Boxes of at most about ``limit`` bytes covering an array, in its storage order.
+
+    Each box is a slab of consecutive indices along one axis, whole along every
+    faster-varying axis, so it is contiguous on disk and a streaming writer
+    completes its data front to back.
+    """
+    slowest_first = list(range(len(shape))) if order == "C" else list(range(len(shape)))[::-1]
+
+    def inner_bytes(position: int) -> int:
+        return math.prod(shape[a] for a in slowest_first[position + 1 :]) * itemsize
+
+    # Cut along the slowest axis whose faster axes together fit the limit.
+    position = 0
+    while position < len(shape) - 1 and inner_bytes(position) > limit:
+        position += 1
+    axis = slowest_first[position]
+    inner = inner_bytes(position)
+    thickness = max(1, limit // max(1, inner))
+    outer = slowest_first[:position]
+    boxes = []
+    for index in itertools.product(*(range(shape[a]) for a in outer)):
+        for start in range(0, shape[axis], thickness):
+            box = [slice(0, n) for n in shape]
+            for a, i in zip(outer, index, strict=True):
+                box[a] = slice(i, i + 1)
+            box[axis] = slice(start, min(start + thickness, shape[axis]))
+            boxes.append(tuple(box))
+    return boxes
 
 
 def _read_record(path: str, fingerprint: str, count: int) -> set[int] | None:
@@ -602,6 +656,10 @@ class TiledOutput:
         )
         self.in_place = self.format in ("npy", "zarr")
         scratch_format = "zarr" if self.format == "zarr" else "npy"
+        # A NIfTI target is stored in Fortran order: a scratch in the same order
+        # lets the final copy read contiguous slabs.
+        scratch_order = "F" if self.format == "nifti" else "C"
+        self._header = _npy_header(prepared.out_layout.shape, self.storage_dtype, scratch_order)
         directory, name = os.path.split(os.path.abspath(_file_path(job.output)))
         self.scratch = os.path.join(directory, f".{name}.conv3dt-partial.{scratch_format}")
         self.record = os.path.join(directory, f".{name}.conv3dt-partial.jsonl")
@@ -624,7 +682,8 @@ class TiledOutput:
             target=job.output,
             scratch=self.scratch,
             scratch_format=scratch_format,
-            data_offset=len(header_bytes(prepared.out_layout.shape, self.storage_dtype)),
+            scratch_order=scratch_order,
+            data_offset=len(self._header),
             in_layout=prepared.in_layout,
             out_layout=prepared.out_layout,
             axes=plan.axes,
@@ -690,7 +749,7 @@ class TiledOutput:
             )
             fsync_tree(self.scratch)
             return
-        header = header_bytes(shape, self.storage_dtype)
+        header = self._header
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
         fd = os.open(self.scratch, flags, 0o666)
         try:
@@ -779,8 +838,12 @@ class TiledOutput:
     def convert_context(self) -> _ConvertContext:
         """What the one process that writes a NIfTI or HDF5 target needs."""
         layout = self.prepared.out_layout
-        boxes = tuple(
-            layout.box(task.sample, task.tile.out_start, task.tile.out_stop) for task in self.tasks
+        limit = self.options.memory_limit
+        boxes = _slabs(
+            layout.shape,
+            self.context.scratch_order,
+            self.storage_dtype.itemsize,
+            _COPY_BYTES if limit is None else max(1, limit // 4),
         )
         return _ConvertContext(
             input=self.job.input,
@@ -794,7 +857,7 @@ class TiledOutput:
             affine=self.prepared.affine,
             attrs=self.attrs,
             compression=self.options.compression,
-            boxes=boxes,
+            boxes=tuple(boxes),
         )
 
     def result(self, job: Job, seconds: float, peak: int) -> RunResult:
@@ -850,12 +913,28 @@ class _Batch:
         self.failed: set[int] = set()
         self.results: list[RunResult] = []
         self.queue = self.distributed.as_completed()
+        self.waiting: collections.deque[tuple[tuple[Any, ...], Callable[..., Any], tuple]] = (
+            collections.deque()
+        )
+        self.window = 1
 
-    def _submit(self, tag: tuple[Any, ...], function: Callable[..., Any], *args: Any) -> None:
-        key = "-".join(["conv3dt", *(str(part) for part in tag), self.token])
-        future = self.client.submit(function, *args, key=key, pure=False)
-        self.live[future.key] = (future, tag)
-        self.queue.add(future)
+    def _submit(
+        self, tag: tuple[Any, ...], function: Callable[..., Any], *args: Any, first: bool = False
+    ) -> None:
+        """Queue a task; ``first`` puts it ahead of the others (a file's last step)."""
+        if first:
+            self.waiting.appendleft((tag, function, args))
+        else:
+            self.waiting.append((tag, function, args))
+
+    def _top_up(self) -> None:
+        """Hand queued tasks to the scheduler until the window is full."""
+        while self.waiting and len(self.live) < self.window:
+            tag, function, args = self.waiting.popleft()
+            key = "-".join(["conv3dt", *(str(part) for part in tag), self.token])
+            future = self.client.submit(function, *args, key=key, pure=False)
+            self.live[future.key] = (future, tag)
+            self.queue.add(future)
 
     def _spec_future(self) -> Any:
         # One task holds the layer; the scheduler can recompute it if its worker dies.
@@ -864,16 +943,20 @@ class _Batch:
         )
 
     def run(self, tiled: bool, resume: bool, slots: int) -> list[RunResult]:
+        self.window = slots * _TASKS_PER_SLOT
         try:
             if tiled:
                 self._start_tiles(resume, slots)
             else:
                 self._start_files()
+            self._top_up()
             for future in self.queue:
                 entry = self.live.pop(future.key, None)
                 if entry is not None:
                     self._handle(future, entry[1])
+                self._top_up()
         except BaseException:
+            self.waiting.clear()
             self._cancel([future for future, _ in self.live.values()])
             raise
         finally:
@@ -965,7 +1048,9 @@ class _Batch:
     def _finish(self, index: int) -> None:
         tiled_output = self.runs[index]
         if not tiled_output.in_place:
-            self._submit(("convert", index), _convert_task, tiled_output.convert_context())
+            self._submit(
+                ("convert", index), _convert_task, tiled_output.convert_context(), first=True
+            )
             return
         try:
             tiled_output.finish_in_place()
@@ -986,6 +1071,7 @@ class _Batch:
 
     def _fail(self, index: int, error: BaseException) -> None:
         self.failed.add(index)
+        self.waiting = collections.deque(entry for entry in self.waiting if entry[0][1] != index)
         self._cancel([future for future, tag in self.live.values() if tag[1] == index])
         if not self.keep_going:
             raise error
