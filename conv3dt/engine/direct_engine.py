@@ -17,10 +17,6 @@ from conv3dt.engine.phases import axis_phases
 
 __all__ = ["conv_transpose_region_direct", "is_upsampling"]
 
-# Row widths (stride * filters) that get a kernel compiled for the width (each
-# is one more compilation).
-_FIXED_WIDTHS = (2, 4, 8)
-
 
 def is_upsampling(
     kernel_size: Sequence[int], strides: Sequence[int], dilation: Sequence[int]
@@ -87,8 +83,11 @@ def conv_transpose_region_direct(
             np.moveaxis(kernel, 4, 2).reshape(k0, k1, -1, k2 * filters), dtype=compute_dtype
         )
         width = k2 * filters
-        run = nk.upsample_rows_fixed if width in _FIXED_WIDTHS else nk.upsample_rows
-        run(width, xt, w, strides_a, in_origin_a, out_start_a, out)
+        fixed = nk.UPSAMPLE_FIXED.get(width)
+        if fixed is not None:
+            fixed(xt, w, strides_a, in_origin_a, out_start_a, out)
+        else:
+            nk.upsample_rows(width, xt, w, strides_a, in_origin_a, out_start_a, out)
         return out
     xc = np.ascontiguousarray(x, dtype=compute_dtype)
     n_taps, taps, offsets = _tap_tables(

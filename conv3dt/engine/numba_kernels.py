@@ -11,11 +11,11 @@ import numba
 import numpy as np
 
 __all__ = [
+    "UPSAMPLE_FIXED",
     "direct_region",
     "gather_rows",
     "scatter_rows",
     "upsample_rows",
-    "upsample_rows_fixed",
 ]
 
 
@@ -197,8 +197,8 @@ def direct_region(
                                     row[first + (q2 - lo) * s2, f] += acc
 
 
-@numba.njit(parallel=True, cache=True)
-def upsample_rows(
+@numba.njit(inline="always")
+def _upsample_rows(
     width: int,
     x: np.ndarray,
     w: np.ndarray,
@@ -284,8 +284,8 @@ def upsample_rows(
                         block[k * width + j] += xv * wc[j]
 
 
-@numba.njit(cache=True)
-def upsample_rows_fixed(
+@numba.njit(parallel=True, cache=True)
+def upsample_rows(
     width: int,
     x: np.ndarray,
     w: np.ndarray,
@@ -294,6 +294,49 @@ def upsample_rows_fixed(
     out_start: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """:func:`upsample_rows` compiled for this ``width``: a constant trip count lets LLVM
-    vectorize the row loop with interleaved stores. For small widths only."""
-    upsample_rows(numba.literally(width), x, w, strides, in_origin, out_start, out)
+    """:func:`_upsample_rows` for any ``width``."""
+    _upsample_rows(width, x, w, strides, in_origin, out_start, out)
+
+
+# The same compiled for one width each: a constant trip count lets LLVM vectorize
+# the row loop with interleaved stores.
+@numba.njit(parallel=True, cache=True)
+def upsample_rows_2(
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: np.ndarray,
+    in_origin: np.ndarray,
+    out_start: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:func:`_upsample_rows` for ``width == 2``."""
+    _upsample_rows(2, x, w, strides, in_origin, out_start, out)
+
+
+@numba.njit(parallel=True, cache=True)
+def upsample_rows_4(
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: np.ndarray,
+    in_origin: np.ndarray,
+    out_start: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:func:`_upsample_rows` for ``width == 4``."""
+    _upsample_rows(4, x, w, strides, in_origin, out_start, out)
+
+
+@numba.njit(parallel=True, cache=True)
+def upsample_rows_8(
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: np.ndarray,
+    in_origin: np.ndarray,
+    out_start: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """:func:`_upsample_rows` for ``width == 8``."""
+    _upsample_rows(8, x, w, strides, in_origin, out_start, out)
+
+
+UPSAMPLE_FIXED = {2: upsample_rows_2, 4: upsample_rows_4, 8: upsample_rows_8}
