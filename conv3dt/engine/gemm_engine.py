@@ -42,6 +42,9 @@ _LARGE_ROWS = 256
 # NumPy call): about a core's L2 cache.
 _TASK_BYTES = 1024 * 1024
 _ALIGN = 64
+# A group's GEMM is split by last-axis offset when the operand's row per offset
+# is at least this many times the result's row (gathering less beats summing more).
+_SPLIT_RATIO = 4
 
 
 def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
@@ -83,13 +86,48 @@ def _group_weights(kernel: np.ndarray, group: PhaseGroup) -> np.ndarray:
 
 @dataclass
 class _Job:
-    """One phase group's GEMM, ready to run on row blocks."""
+    """One phase group's GEMMs, ready to run on row blocks.
+
+    The gathered operand holds the taps ``offsets``; its rows are the points of
+    the grid extended by ``extra`` points before each line along the last
+    axis. Part ``j`` multiplies the operand's rows shifted by ``windows[j]``
+    with ``weights[j]``; the parts are summed in order.
+    """
 
     weights: np.ndarray
     offsets: np.ndarray
+    windows: tuple[int, ...]
+    extra: int
     phase_table: np.ndarray
     rows: int
     blocks: int
+
+
+def _job(kernel: np.ndarray, group: PhaseGroup, table: np.ndarray, itemsize: int) -> _Job:
+    """Plan a group's GEMMs.
+
+    The taps of a group differ in their last-axis offset by whole rows of the
+    grid, so when gathering all of them costs more than summing separate
+    products, the operand gathers the taps of one last-axis offset only and
+    each offset multiplies it shifted by its own number of rows.
+    """
+    weights = _group_weights(kernel, group)
+    n0, n1, n2 = (len(o) for o in group.offsets)
+    k, n = weights.shape[0] // n2, weights.shape[1]
+    if n2 > 1 and k >= _SPLIT_RATIO * n:
+        extra = -min(group.offsets[2])
+        per_offset = weights.reshape(n0, n1, n2, -1, n).transpose(2, 0, 1, 3, 4).reshape(n2, k, n)
+        taps = itertools.product(group.offsets[0], group.offsets[1], [0])
+        windows = tuple(extra + r2 for r2 in group.offsets[2])
+        weights = np.ascontiguousarray(per_offset)
+    else:
+        extra = 0
+        taps = itertools.product(*group.offsets)
+        windows = (0,)
+        weights = weights[np.newaxis]
+    rows, blocks = block_rows(weights.shape[1], n, itemsize)
+    offsets = np.array(list(taps), dtype=np.int64)
+    return _Job(weights, offsets, windows, extra, table, rows, blocks)
 
 
 def _phase_table(group: PhaseGroup, grids: Sequence[AxisGrid]) -> np.ndarray | None:
@@ -186,24 +224,28 @@ def conv_transpose_region_gemm(
         return out
     src = np.ascontiguousarray(x, dtype=compute_dtype)
     kc = kernel.astype(compute_dtype, copy=False)
-    jobs = []
-    for group, table in groups:
-        offsets = np.array(list(itertools.product(*group.offsets)), dtype=np.int64)
-        weights = _group_weights(kc, group)
-        rows, blocks = block_rows(weights.shape[0], weights.shape[1], compute_dtype.itemsize)
-        jobs.append(_Job(weights, offsets, table, rows, blocks))
-    grid = np.array([g.q_stop - g.q_start for g in grids], dtype=np.int64)
-    total = batch * int(np.prod(grid))
+    jobs = [_job(kc, group, table, compute_dtype.itemsize) for group, table in groups]
+    grid = [g.q_stop - g.q_start for g in grids]
+    # Grid point u is voxel q_start + u - in_origin of the input box.
+    shift = [g.q_start - int(o) for g, o in zip(grids, in_origin, strict=True)]
+    q_start = [g.q_start for g in grids]
+    # Per job: its grid, shift and q_start with the extra points before each line.
+    layouts = []
+    for job in jobs:
+        e = job.extra
+        layouts.append(
+            (
+                batch * grid[0] * grid[1] * (grid[2] + e),
+                np.array([grid[0], grid[1], grid[2] + e], dtype=np.int64),
+                np.array([shift[0], shift[1], shift[2] - e], dtype=np.int64),
+                np.array([q_start[0], q_start[1], q_start[2] - e], dtype=np.int64),
+            )
+        )
     tasks = [
         (index, start)
         for index, job in enumerate(jobs)
-        for start in range(0, total, job.rows * job.blocks)
+        for start in range(0, layouts[index][0], job.rows * job.blocks)
     ]
-    # Grid point u is voxel q_start + u - in_origin of the input box.
-    shift = np.array(
-        [g.q_start - int(o) for g, o in zip(grids, in_origin, strict=True)], dtype=np.int64
-    )
-    q_start = np.array([g.q_start for g in grids], dtype=np.int64)
     strides_a = np.array(strides, dtype=np.int64)
     out_start_a = np.array([int(o) for o in out_start], dtype=np.int64)
 
@@ -212,21 +254,25 @@ def conv_transpose_region_gemm(
         for t in counter:
             index, start = tasks[t]
             job = jobs[index]
-            k, n = job.weights.shape
+            total, job_grid, job_shift, job_q_start = layouts[index]
+            parts, k, n = job.weights.shape
+            size = job.blocks * job.rows
             if index not in buffers:
                 buffers[index] = (
-                    _aligned_zeros((job.blocks, job.rows, k), compute_dtype),
-                    _aligned_zeros((job.blocks, job.rows, n), compute_dtype),
+                    _aligned_zeros((size + job.extra, k), compute_dtype),
+                    _aligned_zeros((parts, job.blocks, job.rows, n), compute_dtype),
                 )
             a, g = buffers[index]
-            nk.gather_rows(src, start, total, grid, shift, job.offsets, a.reshape(-1, k))
-            np.matmul(a, job.weights, out=g)
+            nk.gather_rows(src, start - job.extra, total, job_grid, job_shift, job.offsets, a)
+            for j, window in enumerate(job.windows):
+                operand = a[window : window + size].reshape(job.blocks, job.rows, k)
+                np.matmul(operand, job.weights[j], out=g[j])
             nk.scatter_rows(
-                g.reshape(-1, n),
+                g.reshape(parts, size, n),
                 start,
                 total,
-                grid,
-                q_start,
+                job_grid,
+                job_q_start,
                 strides_a,
                 out_start_a,
                 job.phase_table,

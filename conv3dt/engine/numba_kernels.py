@@ -34,7 +34,7 @@ def gather_rows(
     Grid points enumerate ``(batch, grid[0], grid[1], grid[2])`` in C order; point
     ``(b, u0, u1, u2)`` is voxel ``(b, u + shift)`` of the input box ``src`` and
     tap ``j`` reads voxel ``(b, u + shift + offsets[j])``, or zeros outside the
-    box. Rows past ``total`` are zeroed.
+    box. Rows before point 0 or past ``total`` are zeroed.
     """
     rows = dst.shape[0]
     n0, n1, n2, channels = src.shape[1], src.shape[2], src.shape[3], src.shape[4]
@@ -47,6 +47,10 @@ def gather_rows(
     i = 0
     while i < rows:
         point = first + i
+        if point < 0:
+            dst[i] = 0
+            i += 1
+            continue
         if point >= total:
             dst[i:] = 0
             return
@@ -92,13 +96,15 @@ def scatter_rows(
     phase_table: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """Copy GEMM result rows (grid points ``first + i``, as in :func:`gather_rows`) to the box.
+    """Sum GEMM results ``g[0] + g[1] + ...`` (in that order) and copy them to the box.
 
-    Grid point ``u`` is ``q = q_start + u``. Column block ``m`` holds the phase
-    ``phase_table[m, a] = (phase, q_lo, q_hi)`` on each axis ``a``; its output
-    ``q * stride + phase`` is written when ``q_lo <= q < q_hi`` on every axis.
+    Row ``i`` of each ``g[j]`` is grid point ``first + i``, as in
+    :func:`gather_rows`; grid point ``u`` is ``q = q_start + u``. Column block
+    ``m`` holds the phase ``phase_table[m, a] = (phase, q_lo, q_hi)`` on each
+    axis ``a``; its output ``q * stride + phase`` is written when ``q_lo <= q <
+    q_hi`` on every axis.
     """
-    rows = g.shape[0]
+    parts, rows = g.shape[0], g.shape[1]
     filters = out.shape[4]
     n_phases = phase_table.shape[0]
     i = 0
@@ -128,8 +134,12 @@ def scatter_rows(
             col = m * filters
             for k in range(lo, hi):
                 o2 = (q_start[2] + u2 + k) * strides[2] + phase_table[m, 2, 0] - out_start[2]
+                target = out[b, o0, o1, o2]
                 for f in range(filters):
-                    out[b, o0, o1, o2, f] = g[i + k, col + f]
+                    target[f] = g[0, i + k, col + f]
+                for j in range(1, parts):
+                    for f in range(filters):
+                        target[f] += g[j, i + k, col + f]
         i += run
 
 
