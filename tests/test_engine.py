@@ -424,3 +424,19 @@ def test_stable_matmul_rows_do_not_depend_on_their_neighbours(dtype: type) -> No
     np.testing.assert_allclose(full, a @ b, rtol=1e-5)
     for lo, hi in [(0, 1), (3, 4), (5, 300), (299, 700), (1, 2)]:
         np.testing.assert_array_equal(stable_matmul(a[lo:hi], b), full[lo:hi])
+
+
+def test_special_paths_cover_split_and_whole_gemms() -> None:
+    """The GEMM engine splits a product by last-axis offset only where the operand is
+    much wider than the result; SPECIAL exercises both plans."""
+    from conv3dt.engine.gemm_engine import _groups, _job
+
+    def plans(kernel_size, strides, dilation, channels, filters):
+        kernel = np.zeros((*kernel_size, filters, channels), dtype=np.float32)
+        return {
+            len(_job(kernel, group, np.zeros((1, 3, 3), np.int64), 4).windows)
+            for group in _groups(kernel_size, strides, dilation)
+        }
+
+    assert plans((3, 3, 3), (1, 1, 1), (2, 2, 2), 5, 6) == {3}
+    assert plans((4, 4, 4), (2, 2, 2), (1, 1, 1), 6, 5) == {1}
