@@ -152,7 +152,7 @@ def test_zarr_group_and_missing_array_errors(tmp_path):
     import zarr
 
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    group.create_array("ct", shape=(2, 2, 2), dtype="f4")
+    group.zeros(name="ct", shape=(2, 2, 2), dtype="f4")
     with pytest.raises(VolumeError, match=r"is a Zarr group.*arrays: ct"):
         open_volume(str(tmp_path / "g.zarr"))
     with open_volume(str(tmp_path / "g.zarr" / "ct"), "zarr") as reader:
