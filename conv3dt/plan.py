@@ -3,6 +3,12 @@
 Each tile is an output box and the input box it needs; the halo follows from
 the geometry (kernel size, stride, dilation, padding), so tiles are exact and
 never blended.
+
+Tiles are shaped to the storage: the axis that varies slowest on disk is split
+first and iterated outermost (C order: axis 0; NIfTI's Fortran order: axis 2),
+so that tiles are contiguous slabs visited in file order; tile lengths are
+rounded to whole input chunks where the input is chunked, and an output chunk
+shape can be derived that divides every tile exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from conv3dt.geometry import AxisGeometry
 
 __all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "ENGINE_WORKSPACE_BYTES",
     "Plan",
     "Tile",
     "available_memory",
@@ -26,12 +34,20 @@ __all__ = [
 ]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-# Bytes resident per tile voxel beyond the arrays themselves: read buffers, the
-# engine's per-tap products, the activation's temporary and the write buffer.
-_OUTPUT_COPIES = 4
-_INPUT_COPIES = 2
-# Reading ahead and writing behind keep a second tile in flight.
-_IN_FLIGHT = 2
+# What is resident at the busiest moment of a run, counted in tile boxes (see
+# conv3dt.run.upsample_file). Input boxes: the one read ahead, the one being
+# computed and the engine's padded / cast copy of it. Output boxes: the engine's
+# result, the bias-added result, the activation's result, the previous tile
+# still being written behind and the contiguous copy a writer may make of it.
+_INPUT_BOXES = 3
+_OUTPUT_BOXES = 5
+# The NumPy engine's per-tap products: one input box with `filters` channels.
+_TAP_BOXES = 1
+# Fixed-size work blocks of the engines, independent of the tile (the GEMM
+# engine keeps about 1 MiB per phase group and worker thread).
+ENGINE_WORKSPACE_BYTES = 16 * 2**20
+# Output chunks (HDF5) about this large: h5py's default chunk cache holds one.
+DEFAULT_CHUNK_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -58,17 +74,31 @@ class Tile:
 class Plan:
     """Tiles covering one volume's output, and what they cost.
 
+    Iterating yields the tiles with ``order[0]`` the outermost axis, so that a
+    storage whose slowest axis is ``order[0]`` is visited in file order.
+
     Attributes
     ----------
     axes : three AxisGeometry
     tile_shape : three ints
         The output shape of a full tile (border tiles may be smaller).
     tile_bytes : int
-        Estimated memory one tile needs while in flight.
+        Estimated size of one tile's input and output boxes in the compute dtype.
     peak_bytes : int
-        Estimated peak of the tiled run (tiles in flight).
+        Estimated peak of the tiled run: the boxes in flight while one tile is
+        read ahead, one computed and one written behind, the engine's work
+        blocks and the windows of streamed (``.nii.gz``) files; the Python
+        interpreter and its libraries come on top.
     memory_limit : int
         The budget the plan was made for.
+    order : three ints
+        Axes from outermost to innermost in the iteration.
+    chunks : three ints or None
+        An output chunk shape (spatial) that divides every tile, when asked for.
+    in_window_bytes, out_window_bytes : int
+        The parts of ``peak_bytes`` a streaming reader and writer hold: whole
+        planes across the non-outermost axes, for one tile's extent along the
+        outermost one.
     """
 
     axes: tuple[AxisGeometry, AxisGeometry, AxisGeometry]
@@ -76,6 +106,10 @@ class Plan:
     tile_bytes: int
     peak_bytes: int
     memory_limit: int
+    order: tuple[int, int, int] = (0, 1, 2)
+    chunks: tuple[int, int, int] | None = None
+    in_window_bytes: int = 0
+    out_window_bytes: int = 0
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -93,12 +127,13 @@ class Plan:
         return math.prod(self.grid)
 
     def __iter__(self) -> Iterator[Tile]:
-        ranges = [range(0, n, t) for n, t in zip(self.output_shape, self.tile_shape, strict=True)]
-        for start in itertools.product(*ranges):
-            stop = tuple(
-                min(s + t, n)
-                for s, t, n in zip(start, self.tile_shape, self.output_shape, strict=True)
-            )
+        shape, tile = self.output_shape, self.tile_shape
+        ranges = [range(0, shape[a], tile[a]) for a in self.order]
+        for ordered in itertools.product(*ranges):
+            start = [0, 0, 0]
+            for axis, value in zip(self.order, ordered, strict=True):
+                start[axis] = value
+            stop = tuple(min(s + t, n) for s, t, n in zip(start, tile, shape, strict=True))
             boxes = [g.input_range(a, b) for g, a, b in zip(self.axes, start, stop, strict=True)]
             yield Tile(
                 out_start=tuple(start),  # type: ignore[arg-type]
@@ -160,23 +195,75 @@ def default_memory_limit() -> int:
     return max(available_memory() // 4, 256 * 2**20)
 
 
-def _tile_bytes(
-    axes: Sequence[AxisGeometry],
-    tile: Sequence[int],
-    in_channels: int,
-    filters: int,
-    itemsize: int,
-) -> int:
-    in_voxels = 1
-    for g, t in zip(axes, tile, strict=True):
-        in_voxels *= min(g.input_length, math.ceil(t / g.stride) + math.ceil(g.k_eff / g.stride))
-    out_voxels = math.prod(tile)
-    work = max(itemsize, 4)
-    return (
-        in_voxels * in_channels * work * _INPUT_COPIES
-        + in_voxels * filters * work
-        + out_voxels * filters * work * _OUTPUT_COPIES
-    )
+def _input_extent(g: AxisGeometry, length: int) -> int:
+    """Most input voxels an output run of ``length`` on this axis can need."""
+    return min(g.input_length, math.ceil(length / g.stride) + math.ceil(g.k_eff / g.stride))
+
+
+@dataclass(frozen=True)
+class _Costs:
+    """Bytes per voxel of what a run holds, for the estimate."""
+
+    in_channels: int
+    filters: int
+    work: int
+    stream_in: int
+    stream_out: int
+    outer: int
+
+    def boxes(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> tuple[int, int]:
+        in_voxels = math.prod(_input_extent(g, t) for g, t in zip(axes, tile, strict=True))
+        return in_voxels, math.prod(tile)
+
+    def tile_bytes(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> int:
+        in_voxels, out_voxels = self.boxes(axes, tile)
+        return (in_voxels * self.in_channels + out_voxels * self.filters) * self.work
+
+    def windows(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> tuple[int, int]:
+        # A streamed file is decompressed / compressed in whole planes across
+        # every axis but the outermost one.
+        across_in = math.prod(g.input_length for a, g in enumerate(axes) if a != self.outer)
+        across_out = math.prod(g.output_length for a, g in enumerate(axes) if a != self.outer)
+        planes_in = _input_extent(axes[self.outer], tile[self.outer])
+        return (
+            self.stream_in * planes_in * across_in,
+            self.stream_out * tile[self.outer] * across_out,
+        )
+
+    def peak_bytes(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> int:
+        in_voxels, out_voxels = self.boxes(axes, tile)
+        return (
+            in_voxels * self.in_channels * self.work * _INPUT_BOXES
+            + in_voxels * self.filters * self.work * _TAP_BOXES
+            + out_voxels * self.filters * self.work * _OUTPUT_BOXES
+            + sum(self.windows(axes, tile))
+            + ENGINE_WORKSPACE_BYTES
+        )
+
+
+def _largest_divisor_at_most(n: int, bound: int) -> int:
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            for candidate in (d, n // d):
+                if best < candidate <= bound:
+                    best = candidate
+    return best
+
+
+def _output_chunks(
+    out_shape: Sequence[int], tile: Sequence[int], voxel_bytes: int, target: int
+) -> tuple[int, int, int]:
+    """A chunk shape of at most ``target`` bytes whose lengths divide split tile lengths."""
+    chunk = list(tile)
+    while math.prod(chunk) * voxel_bytes > target and max(chunk) > 1:
+        axis = max(range(3), key=lambda a: (chunk[a], a))
+        if tile[axis] >= out_shape[axis]:
+            # Not split: any length works, the last chunk ends at the volume's edge.
+            chunk[axis] = math.ceil(chunk[axis] / 2)
+        else:
+            chunk[axis] = _largest_divisor_at_most(tile[axis], chunk[axis] // 2)
+    return tuple(chunk)  # type: ignore[return-value]
 
 
 def plan_tiles(
@@ -189,6 +276,11 @@ def plan_tiles(
     split_order: Sequence[int] = (0, 1, 2),
     whole_axes: Sequence[int] = (),
     tile_shape: Sequence[int] | None = None,
+    in_chunks: Sequence[int] | None = None,
+    stream_in_bytes: int = 0,
+    stream_out_bytes: int = 0,
+    chunk_bytes: int | None = None,
+    out_itemsize: int | None = None,
 ) -> Plan:
     """Choose tiles for one volume of the output.
 
@@ -199,49 +291,101 @@ def plan_tiles(
     itemsize : int
         Bytes per value of the compute dtype.
     memory_limit : int, optional
-        Budget in bytes for the tiles in flight (default :func:`default_memory_limit`).
+        Budget in bytes for everything the run holds besides the interpreter
+        (default :func:`default_memory_limit`).
     split_order : three axis indices
         Axes to split first: the slowest-varying axis of the storage first, so
         that tiles are contiguous slabs on disk (C order: 0 first; NIfTI's
-        Fortran order: 2 first).
+        Fortran order: 2 first). Tiles are iterated in the same order, the first
+        axis outermost.
     whole_axes : axis indices
         Axes never split (an activation that couples voxels along them).
     tile_shape : three ints, optional
-        Force a tile shape (tests and benchmarks); the budget is then only reported.
+        Force a tile shape (tests and benchmarks; whole axes stay whole); the
+        budget is then only reported.
+    in_chunks : three ints, optional
+        The input's storage chunks (spatial): split tiles are rounded down to
+        whole chunks when they span at least one, so chunks are read once.
+    stream_in_bytes, stream_out_bytes : int
+        Bytes per voxel (all channels) that a streaming reader or writer keeps
+        in whole planes across the non-outermost axes (a ``.nii.gz``); 0 for
+        formats with random access.
+    chunk_bytes : int, optional
+        When given, :attr:`Plan.chunks` is an output chunk shape of at most this
+        many bytes (``filters * out_itemsize`` per voxel) dividing every tile.
+    out_itemsize : int, optional
+        Bytes per stored output value (default ``itemsize``).
+
+    Raises
+    ------
+    ValueError
+        When ``split_order`` is not a permutation of the three axes.
     """
     axes = tuple(axes)
+    if sorted(split_order) != [0, 1, 2]:
+        raise ValueError(
+            "`split_order` must be a permutation of (0, 1, 2). "
+            f"Received split_order={split_order!r}"
+        )
+    order = tuple(int(a) for a in split_order)
     limit = default_memory_limit() if memory_limit is None else int(memory_limit)
+    # When the storage's slowest axis must stay whole, no window of planes can
+    # follow the tiles: streams then pass through or spill to a scratch file.
+    streamed = order[0] not in whole_axes
+    costs = _Costs(
+        in_channels=in_channels,
+        filters=filters,
+        work=max(itemsize, 4),
+        stream_in=stream_in_bytes if streamed else 0,
+        stream_out=stream_out_bytes if streamed else 0,
+        outer=order[0],
+    )
     out_shape = [g.output_length for g in axes]
     if tile_shape is not None:
-        tile = [max(1, min(int(t), n)) for t, n in zip(tile_shape, out_shape, strict=True)]
+        tile = [
+            n if a in whole_axes else max(1, min(int(t), n))
+            for a, (t, n) in enumerate(zip(tile_shape, out_shape, strict=True))
+        ]
     else:
         tile = list(out_shape)
-        budget = limit // _IN_FLIGHT
-        for axis in list(split_order):
+        for axis in order:
             if axis in whole_axes:
                 continue
-            if _tile_bytes(axes, tile, in_channels, filters, itemsize) <= budget:
+            if costs.peak_bytes(axes, tile) <= limit:
                 break
-            stride = axes[axis].stride
             lo, hi = 1, tile[axis]
             # Largest length on this axis that fits (the cost grows with it).
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 trial = tile.copy()
                 trial[axis] = mid
-                if _tile_bytes(axes, trial, in_channels, filters, itemsize) <= budget:
+                if costs.peak_bytes(axes, trial) <= limit:
                     lo = mid
                 else:
                     hi = mid - 1
-            # Whole input voxels per tile avoid recomputing halos twice.
-            if lo > stride:
-                lo -= lo % stride
+            stride = axes[axis].stride
+            unit = stride
+            if in_chunks is not None and lo >= in_chunks[axis] * stride:
+                # Whole input chunks per tile: each chunk is read by one tile
+                # (and its neighbours' halos) only.
+                unit = in_chunks[axis] * stride
+            # Otherwise whole input voxels per tile, so no input row is read twice.
+            if lo > unit:
+                lo -= lo % unit
             tile[axis] = lo
-    tile_bytes = _tile_bytes(axes, tile, in_channels, filters, itemsize)
+    in_window, out_window = costs.windows(axes, tile)
+    chunks = None
+    if chunk_bytes is not None:
+        voxel_bytes = filters * (out_itemsize or itemsize)
+        chunks = _output_chunks(out_shape, tile, voxel_bytes, chunk_bytes)
     return Plan(
         axes=axes,  # type: ignore[arg-type]
         tile_shape=tuple(tile),  # type: ignore[arg-type]
-        tile_bytes=tile_bytes,
-        peak_bytes=tile_bytes * _IN_FLIGHT,
+        tile_bytes=costs.tile_bytes(axes, tile),
+        peak_bytes=costs.peak_bytes(axes, tile),
         memory_limit=limit,
+        order=order,  # type: ignore[arg-type]
+        chunks=chunks,
+        in_window_bytes=in_window,
+        out_window_bytes=out_window,
     )

@@ -42,7 +42,7 @@ def inspect_report(
     report: dict[str, Any] = {"source": spec.source}
     plan_info: dict[str, Any] | None = None
     if input_path is not None:
-        from conv3dt.run import prepare
+        from conv3dt.run import input_storage, prepare
         from conv3dt.volumes import open_volume
 
         with open_volume(input_path, input_format) as reader:
@@ -54,7 +54,7 @@ def inspect_report(
                 four_d_as_batch=four_d_as_batch,
                 input_affine=reader.metadata.affine if reader.metadata is not None else None,
                 memory_limit=memory_limit,
-                storage_order="F" if spatial_first else "C",
+                **input_storage(reader),
             )
             voxel_size = reader.metadata.voxel_size if reader.metadata is not None else None
             input_shape = list(reader.shape)

@@ -1,9 +1,11 @@
 """Apply a layer to a volume on disk: read a tile, compute it, write it, tile after tile.
 
 The next tile's input is read while the engine computes, and each finished
-tile is written behind, so a run goes at the pace of its slowest stage. The
-output is written under a temporary name beside the target and renamed when
-complete.
+tile is written behind, so a run goes at the pace of its slowest stage. Tiles
+follow the storage: slabs along the slowest axis on disk, visited in file
+order, sized by the memory budget (see :mod:`conv3dt.plan`), with HDF5 / Zarr
+output chunks that divide the tiles. The output is written under a temporary
+name beside the target and renamed when complete.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from conv3dt.engine import conv_transpose_region
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layer import Conv3DTranspose
 from conv3dt.layout import DiskLayout, disk_layout
-from conv3dt.plan import Plan, Tile, plan_tiles
+from conv3dt.plan import DEFAULT_CHUNK_BYTES, Plan, Tile, plan_tiles
 from conv3dt.spec import LayerSpec
-from conv3dt.volumes import create_volume, open_volume
+from conv3dt.volumes import VolumeReader, create_volume, detect_format, open_volume
 from conv3dt.volumes.affine import output_affine
 
-__all__ = ["OUTPUT_DTYPES", "RunResult", "prepare", "upsample_file"]
+__all__ = ["OUTPUT_DTYPES", "RunResult", "input_storage", "prepare", "upsample_file"]
 
 OUTPUT_DTYPES = ("float32", "float16", "float64", "int16", "uint8")
 _COUPLING_ACTIVATIONS = ("softmax", "log_softmax", "sparsemax", "glu")
+# Plan facts a run reports beside its measurements.
+_JSON_EXTRAS = ("tile_shape", "expected_peak_bytes", "memory_limit_bytes")
+_CHUNKED_FORMATS = ("hdf5", "zarr")
 
 
 @dataclass
@@ -74,6 +79,7 @@ class RunResult:
             "voxels_per_second": round(self.voxels_per_second, 1),
             "peak_memory_bytes": self.peak_memory_bytes,
             "tiles": self.tiles,
+            **{k: v for k, v in self.extra.items() if k in _JSON_EXTRAS},
         }
 
 
@@ -104,8 +110,43 @@ def prepare(
     storage_order: str = "C",
     tile_shape: tuple[int, int, int] | None = None,
     output_spatial_first: bool | None = None,
+    input_chunks: tuple[int, ...] | None = None,
+    input_stream_itemsize: int = 0,
+    output_format: str | None = None,
+    output_compressed: bool = False,
 ) -> Prepared:
     """Decide layouts, geometry, tiles and the output affine for an input of ``shape``.
+
+    Parameters
+    ----------
+    spec : LayerSpec
+    shape : tuple of int
+        The input's stored shape.
+    spatial_first, four_d_as_batch : bool
+        How the stored axes map to the layer's (see :func:`conv3dt.layout.disk_layout`).
+    input_affine : numpy.ndarray, optional
+        The input's voxel-to-world matrix, for the output's.
+    output_dtype : str
+        One of :data:`OUTPUT_DTYPES`.
+    memory_limit : int, optional
+        The budget for tiles in flight and stream buffers.
+    storage_order : {"C", "F"}
+        The input's order on disk ("F" for NIfTI): its slowest axis is split
+        first and iterated outermost.
+    tile_shape : three ints, optional
+        Force the tile shape.
+    output_spatial_first : bool, optional
+        Store the output's spatial axes first (NIfTI); default as the input.
+    input_chunks : tuple of int, optional
+        The input's storage chunks in its stored layout (HDF5, Zarr).
+    input_stream_itemsize : int
+        Bytes per stored input value when the input is read as a stream
+        (``.nii.gz``), else 0.
+    output_format : str, optional
+        The output's format: "hdf5" and "zarr" get a chunk shape dividing the
+        tiles (:attr:`Plan.chunks`); a compressed NIfTI output is a stream.
+    output_compressed : bool
+        The output is a ``.nii.gz``.
 
     Raises
     ------
@@ -151,6 +192,15 @@ def prepare(
         whole.append(2)
     split_order = (2, 1, 0) if storage_order == "F" else (0, 1, 2)
     compute_itemsize = max(numpy_dtype(layer.compute_dtype).itemsize, 4)
+    out_dtype = np.dtype(output_dtype)
+    spatial_chunks = None
+    if input_chunks is not None:
+        spatial_chunks = tuple(input_chunks[in_layout.axes.index(a)] for a in "zyx")
+    # A compressed NIfTI output buffers planes of the stored dtype; integer
+    # outputs go to a scratch file instead (their scaling waits for the range).
+    stream_out = 0
+    if output_format == "nifti" and output_compressed and out_dtype.kind == "f":
+        stream_out = out_layout.channels * out_dtype.itemsize
     plan = plan_tiles(
         axes,
         in_layout.channels,
@@ -160,6 +210,11 @@ def prepare(
         split_order=split_order,
         whole_axes=whole,
         tile_shape=tile_shape,
+        in_chunks=spatial_chunks,
+        stream_in_bytes=in_layout.channels * input_stream_itemsize,
+        stream_out_bytes=stream_out,
+        chunk_bytes=DEFAULT_CHUNK_BYTES if output_format in _CHUNKED_FORMATS else None,
+        out_itemsize=out_dtype.itemsize,
     )
     affine = None
     if input_affine is not None:
@@ -168,7 +223,7 @@ def prepare(
             tuple(float(g.stride) for g in axes),  # type: ignore[arg-type]
             tuple(g.world_offset() for g in axes),  # type: ignore[arg-type]
         )
-    return Prepared(in_layout, out_layout, plan, affine, np.dtype(output_dtype))
+    return Prepared(in_layout, out_layout, plan, affine, out_dtype)
 
 
 def compute_tile(
@@ -199,7 +254,12 @@ def compute_tile(
         engine=engine,
     ).astype(compute, copy=False)
     if layer.data_format == "channels_first":
-        return np.moveaxis(layer.finish(np.moveaxis(conv, -1, 1)), 1, -1)
+        moved = np.moveaxis(conv, -1, 1)
+        if _activation_name(layer) in _COUPLING_ACTIVATIONS:
+            # Reductions along the width must run over contiguous rows, as in
+            # the whole-volume call: NumPy's summation order follows the layout.
+            moved = np.ascontiguousarray(moved)
+        return np.moveaxis(layer.finish(moved), 1, -1)
     return layer.finish(conv)
 
 
@@ -207,6 +267,21 @@ def _to_storage(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype.kind in "iu":
         return array.astype(np.float32, copy=False)
     return array.astype(dtype, copy=False)
+
+
+def input_storage(reader: VolumeReader) -> dict[str, Any]:
+    """How an open input is stored, as keyword arguments of :func:`prepare`.
+
+    ``storage_order`` ("F" for NIfTI, else "C"), ``input_chunks`` (HDF5 / Zarr
+    chunk shape, or None) and ``input_stream_itemsize`` (``.nii.gz``: bytes per
+    stored value, read as a stream; else 0).
+    """
+    chunks = getattr(reader, "chunks", None)
+    return {
+        "storage_order": "F" if reader.format == "nifti" else "C",
+        "input_chunks": tuple(int(c) for c in chunks) if chunks else None,
+        "input_stream_itemsize": int(getattr(reader, "stream_itemsize", 0)),
+    }
 
 
 def upsample_file(
@@ -226,18 +301,31 @@ def upsample_file(
 ) -> RunResult:
     """Apply the spec's layer to one volume file and write the result atomically.
 
+    Tiles are read, computed and written one after another, the next tile's
+    read and the previous tile's write overlapping the computation; memory
+    stays near the plan's ``peak_bytes`` whatever the volume's size.
+
     Parameters
     ----------
     spec : LayerSpec
     input_path, output_path : str
-        Paths (``-`` for an .npy stream on stdin / stdout); HDF5 paths may end
-        in ``:/group/dataset``.
+        Paths (``-`` for an .npy stream on stdin / stdout, which is held whole
+        in memory); HDF5 paths may end in ``:/group/dataset``.
     input_format, output_format : str, optional
         "npy", "nifti" or "hdf5"; default from the extension.
     output_dtype : str
         One of :data:`OUTPUT_DTYPES`.
     memory_limit : int, optional
-        Bytes the tiles in flight may use.
+        Bytes the tiles in flight and stream buffers may use (default
+        :func:`conv3dt.plan.default_memory_limit`).
+    four_d_as_batch : bool
+        Treat a NIfTI 4th dimension as a batch of single-channel volumes.
+    compression : {None, "gzip", "lzf"}
+        HDF5 output compression.
+    engine : str
+        Force an engine (see :data:`conv3dt.engine.ENGINES`).
+    tile_shape : three ints, optional
+        Force the output tile shape (tests, benchmarks).
     progress : callable, optional
         Called as ``progress(done_voxels, total_voxels)`` after each tile.
 
@@ -249,7 +337,8 @@ def upsample_file(
     layer = spec.layer
     with open_volume(input_path, input_format) as source:
         spatial_first = source.format == "nifti"
-        out_is_nifti = _is_nifti_target(output_path, output_format)
+        out_format = output_format or detect_format(output_path)
+        out_is_nifti = out_format == "nifti"
         affine = source.metadata.affine if source.metadata is not None else None
         if affine is None and out_is_nifti:
             affine = np.eye(4)
@@ -261,16 +350,29 @@ def upsample_file(
             input_affine=affine,
             output_dtype=output_dtype,
             memory_limit=memory_limit,
-            storage_order="F" if spatial_first else "C",
             tile_shape=tile_shape,
             output_spatial_first=out_is_nifti or spatial_first,
+            output_format=out_format,
+            output_compressed=output_path.lower().endswith(".gz"),
+            **input_storage(source),
         )
+        plan = prepared.plan
+        in_layout, out_layout = prepared.in_layout, prepared.out_layout
         attrs = {
             "conv3dt_layer": json.dumps(layer.get_config()),
             "conv3dt_source": os.path.abspath(input_path) if input_path != "-" else "-",
             "conv3dt_version": __version__,
         }
-        out_layout = prepared.out_layout
+        chunks = None
+        if plan.chunks is not None and output_path != "-":
+            chunks = tuple(
+                1
+                if label == "b"
+                else out_layout.size(label)
+                if label == "c"
+                else plan.chunks["zyx".index(label)]
+                for label in out_layout.axes
+            )
         writer = create_volume(
             output_path,
             out_layout.shape,
@@ -280,16 +382,24 @@ def upsample_file(
             affine=prepared.affine,
             attrs=attrs,
             compression=compression,
+            chunks=chunks,
         )
-        total = prepared.in_layout.batch * int(np.prod(prepared.plan.output_shape))
+        # Stream buffers as large as the plan counted them, so they hold exactly
+        # the planes neighbouring tiles share and nothing more.
+        if hasattr(source, "window_limit"):
+            source.window_limit = plan.in_window_bytes // max(1, in_layout.channels)
+        if hasattr(writer, "buffer_limit"):
+            writer.buffer_limit = plan.out_window_bytes
+        total = in_layout.batch * int(np.prod(plan.output_shape))
         done = 0
         with writer, ThreadPoolExecutor(max_workers=2) as pool:
-            jobs = [(b, tile) for b in range(prepared.in_layout.batch) for tile in prepared.plan]
+            # The batch outermost: a NIfTI 4th axis is the slowest on disk.
+            jobs = [(b, tile) for b in range(in_layout.batch) for tile in plan]
 
             def read(job: tuple[int, Tile]) -> np.ndarray:
                 sample, tile = job
-                box = prepared.in_layout.box(sample, tile.in_start, tile.in_stop)
-                return prepared.in_layout.to_canonical(source.read(box))
+                box = in_layout.box(sample, tile.in_start, tile.in_stop)
+                return in_layout.to_canonical(source.read(box))
 
             pending_read: Future | None = pool.submit(read, jobs[0]) if jobs else None
             pending_write: Future | None = None
@@ -297,12 +407,15 @@ def upsample_file(
                 assert pending_read is not None
                 x = pending_read.result()
                 pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
-                y = compute_tile(layer, prepared.plan.axes, x, tile, engine=engine)
+                y = compute_tile(layer, plan.axes, x, tile, engine=engine)
+                del x
                 stored = out_layout.from_canonical(_to_storage(y, prepared.output_dtype))
+                del y
                 if pending_write is not None:
                     pending_write.result()
                 box = out_layout.box(sample, tile.out_start, tile.out_stop)
                 pending_write = pool.submit(writer.write, box, stored)
+                del stored
                 done += int(np.prod(tile.out_shape))
                 if progress is not None:
                     progress(done, total)
@@ -320,12 +433,10 @@ def upsample_file(
         seconds=seconds,
         voxels_per_second=total / seconds if seconds > 0 else float("inf"),
         peak_memory_bytes=peak_rss_bytes(),
-        tiles=len(prepared.plan) * prepared.in_layout.batch,
+        tiles=len(plan) * in_layout.batch,
+        extra={
+            "tile_shape": list(plan.tile_shape),
+            "expected_peak_bytes": plan.peak_bytes,
+            "memory_limit_bytes": plan.memory_limit,
+        },
     )
-
-
-def _is_nifti_target(path: str, output_format: str | None) -> bool:
-    if output_format is not None:
-        return output_format == "nifti"
-    lowered = path.lower()
-    return lowered.endswith(".nii") or lowered.endswith(".nii.gz")

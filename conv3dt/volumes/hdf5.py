@@ -111,6 +111,9 @@ class Hdf5Reader(VolumeReader):
         The HDF5 file.
     datasets : list of str
         Every dataset in the file.
+    chunks : tuple of int or None
+        The dataset's chunk shape (None when stored contiguously), for
+        callers that align their reads to it.
     """
 
     format = "hdf5"
@@ -151,6 +154,7 @@ class Hdf5Reader(VolumeReader):
                 f"{self.file_path}:{dataset}: unsupported dtype {stored}; expected numbers"
             )
         self.shape = tuple(self._dataset.shape)
+        self.chunks = self._dataset.chunks
         self.dtype = stored.newbyteorder("=")
         attrs = _plain_attrs(self._dataset.attrs)
         affine = _affine_from_attrs(attrs)

@@ -1,17 +1,23 @@
-"""NIfTI-1 and NIfTI-2 volumes (``.nii``, ``.nii.gz``) through nibabel.
+"""NIfTI-1 and NIfTI-2 volumes (``.nii``, ``.nii.gz``) in bounded memory.
 
-Reads go through nibabel's array proxy, which reads only the requested box and
-applies ``scl_slope`` / ``scl_inter``. Writes build the header with nibabel and
-place the voxels (first index fastest on disk) at computed offsets.
+The voxels are stored first index fastest, so the file is a sequence of planes
+(the first two axes) along the third axis. ``.nii`` reads go through nibabel's
+array proxy, which reads only the requested box and applies ``scl_slope`` /
+``scl_inter``; ``.nii`` writes place each box at its offsets. A ``.nii.gz`` can
+only be read and written front to back: reads decompress forward, keeping the
+planes the next read will need, and writes compress each plane once every
+plane before it is complete. Headers are built with nibabel.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import sys
+import tempfile
 import zlib
 from typing import Any
 
@@ -19,6 +25,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
+from nibabel.volumeutils import apply_read_scaling
 
 from conv3dt.volumes.affine import voxel_sizes
 from conv3dt.volumes.base import (
@@ -27,8 +34,9 @@ from conv3dt.volumes.base import (
     VolumeMetadata,
     VolumeReader,
     VolumeWriter,
-    fsync_path,
+    box_shape,
     pwrite_all,
+    read_raw_box,
     write_raw_box,
 )
 
@@ -39,6 +47,10 @@ _NIFTI1_MAX_DIM = 32767
 _NATIVE = "<" if sys.byteorder == "little" else ">"
 # nibabel's own default for .nii.gz: fast, and voxel data compresses little more at 9.
 _GZIP_LEVEL = 1
+# Default bounds of what a .nii.gz reader keeps per volume and a writer buffers;
+# conv3dt.run sets them from the tile plan.
+_DEFAULT_WINDOW = 256 << 20
+_DEFAULT_BUFFER = 256 << 20
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 
 
@@ -47,9 +59,13 @@ class NiftiReader(VolumeReader):
 
     :attr:`dtype` is float64 when the stored data is float64, float32 otherwise.
     :attr:`stored_dtype` is the dtype on disk and :attr:`scaling` the
-    ``(slope, inter)`` that reads apply. A ``.nii.gz`` is decompressed from its
-    start up to the box for every read that goes backwards in the file, so read
-    such files in increasing ``k``.
+    ``(slope, inter)`` that reads apply.
+
+    A ``.nii`` is read through nibabel's array proxy (only the box's bytes). A
+    ``.nii.gz`` is decompressed forward in whole planes (the first two axes),
+    keeping per volume the last planes a read returned, at most
+    :attr:`window_limit` bytes: read it in increasing third index, as tiles that
+    are slabs along it do, and every byte is decompressed once.
     """
 
     format = "nifti"
@@ -69,7 +85,8 @@ class NiftiReader(VolumeReader):
         stored = header.get_data_dtype()
         if stored.kind not in "biuf" or stored.fields is not None:
             raise VolumeError(f"{path}: unsupported NIfTI data type {stored}; expected numbers")
-        if not path.lower().endswith(".gz"):
+        compressed = path.lower().endswith(".gz")
+        if not compressed:
             needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * stored.itemsize
             size = os.path.getsize(path)
             if size < needed:
@@ -83,6 +100,15 @@ class NiftiReader(VolumeReader):
         self.stored_dtype = stored
         # nibabel moves the scaling from the header to the proxy when loading.
         self.scaling = (float(image.dataobj.slope), float(image.dataobj.inter))
+        # The proxy's own scale factors, so that reads scale exactly as nibabel does.
+        self._slope = np.asanyarray(image.dataobj.slope)
+        self._inter = np.asanyarray(image.dataobj.inter)
+        self._planes: _GzipPlanes | None = None
+        if compressed and len(self.shape) >= 3 and 0 not in self.shape:
+            try:
+                self._planes = _GzipPlanes(path, int(image.dataobj.offset), self.shape, stored)
+            except _READ_ERRORS as exc:
+                raise VolumeError(f"{path}: not a readable NIfTI file: {exc}") from None
         affine = np.array(image.affine, dtype=np.float64)
         self.metadata = VolumeMetadata(
             affine=affine,
@@ -91,15 +117,48 @@ class NiftiReader(VolumeReader):
             nifti_header=header.copy(),
         )
 
+    @property
+    def stream_itemsize(self) -> int:
+        """Bytes per stored value when reads decompress planes (``.nii.gz``), else 0."""
+        return self.stored_dtype.itemsize if self._planes is not None else 0
+
+    @property
+    def window_limit(self) -> int:
+        """Bytes of decompressed planes a ``.nii.gz`` read may keep per volume for the next."""
+        return self._planes.window_limit if self._planes is not None else 0
+
+    @window_limit.setter
+    def window_limit(self, value: int) -> None:
+        if self._planes is not None:
+            self._planes.window_limit = int(value)
+
     def _read(self, box: Box) -> np.ndarray:
         try:
-            return np.asarray(self._image.dataobj[box])
+            if self._planes is None or 0 in box_shape(box):
+                return np.asarray(self._image.dataobj[box])
+            return self._read_planes(box)
         except _READ_ERRORS as exc:
             raise VolumeError(f"{self.path}: cannot read box {box}: {exc}") from None
+
+    def _read_planes(self, box: Box) -> np.ndarray:
+        assert self._planes is not None
+        out = np.empty(box_shape(box), dtype=self.dtype)
+        rest = self.shape[3:]
+        combos = list(itertools.product(*(range(s.start, s.stop) for s in box[3:])))
+        volumes = [int(np.ravel_multi_index(c, rest, order="F")) if rest else 0 for c in combos]
+        stacks = self._planes.read(volumes, box[2].start, box[2].stop)
+        for combo, planes in zip(combos, stacks, strict=True):
+            raw = planes[:, box[1], box[0]].transpose(2, 1, 0)
+            local = tuple(i - s.start for i, s in zip(combo, box[3:], strict=True))
+            out[(Ellipsis, *local)] = apply_read_scaling(raw, self._slope, self._inter)
+        return out
 
     def _close(self) -> None:
         # Dropping the image closes the file the proxy keeps open.
         self._image = None
+        if self._planes is not None:
+            planes, self._planes = self._planes, None
+            planes.close()
 
 
 def int_scaling(dtype: np.dtype, lo: float, hi: float) -> tuple[float, float]:
@@ -172,16 +231,27 @@ def _header_bytes(header: Any) -> bytes:
 
 
 class NiftiWriter(VolumeWriter):
-    """Write a NIfTI image box by box.
+    """Write a NIfTI image box by box, in bounded memory.
 
-    ``.nii``: the header is written first and every box goes straight to its
-    place in the file. ``.nii.gz``: in this version the whole array is buffered in
-    memory and compressed at commit (streaming comes later).
+    The voxels are stored in *planes* (the first two axes, first index fastest),
+    one after another along the third axis and then the later ones.
 
-    Float outputs store identity scaling. Integer outputs (int16, uint8) store
-    ``scl_slope`` / ``scl_inter`` from :func:`int_scaling`: with ``value_range``
-    known up front boxes are quantized as they come; without it the float data is
-    buffered in memory until commit, when the range is known.
+    - ``.nii`` with a float dtype, or an integer dtype with ``value_range``: the
+      header is written first and every box goes straight to its place in the
+      file, one plane at a time.
+    - ``.nii.gz`` likewise: the header and then each plane are compressed as
+      soon as every plane before it is complete, so boxes that are slabs along
+      the third axis, written in increasing order, keep only the planes of the
+      slab being filled. Planes that complete out of order wait in memory up to
+      :attr:`buffer_limit` bytes, beyond it in a scratch file beside the target.
+      Each voxel must be written once (boxes may not overlap).
+    - int16 / uint8 without ``value_range``: the scaling needs the data's range
+      before the header can be written, so boxes go as float32 to a scratch file
+      beside the target while the range is tracked; at commit the scaling is set
+      and the planes are quantized and written (compressed or not) one at a time.
+
+    Integer outputs store ``scl_slope`` / ``scl_inter`` from :func:`int_scaling`
+    (voxels never written count as 0); float outputs store identity scaling.
 
     With a ``template`` header the output keeps its fields (codes, units,
     intent, extensions, NIfTI version); the affine, when given, is set into both
@@ -216,30 +286,64 @@ class NiftiWriter(VolumeWriter):
                     f"Received value_range={value_range!r}"
                 )
             value_range = (lo, hi)
-        self._header = _build_header(tuple(shape), dtype, template_header, affine, attrs)
+        shape = tuple(int(n) for n in shape)
+        self._header = _build_header(shape, dtype, template_header, affine, attrs)
         self._integer = dtype.kind in "iu"
         self._value_range = value_range if self._integer else None
         self._compressed = path.lower().endswith(".gz")
-        self._direct = not self._compressed and (not self._integer or value_range is not None)
+        self._deferred = self._integer and value_range is None
+        self._plane_shape = shape[:2] if len(shape) >= 3 else shape
+        self._rest = shape[len(self._plane_shape) :]
+        self._plane_size = int(np.prod(self._plane_shape))
+        self._file_dtype = np.dtype(np.float32) if self._deferred else dtype
+        #: Bytes of complete-but-waiting and incomplete planes a ``.nii.gz`` keeps in memory.
+        self.buffer_limit = _DEFAULT_BUFFER
         self._fd: int | None = None
-        self._buffer: np.ndarray | None = None
+        self._raw: Any = None
+        self._sink: Any = None
+        self._scratch: Any = None
+        self._planes: dict[int, np.ndarray] = {}
+        self._spilled: set[int] = set()
+        self._filled = np.zeros(int(np.prod(self._rest)), dtype=np.int64)
+        self._next = 0
+        self._range = [np.inf, -np.inf]
         self._slope, self._inter = 1.0, 0.0
         super().__init__(path, shape, dtype)
+
+    # -- opening and the three ways of storing boxes ----------------------------
 
     def _open(self) -> None:
         if self._integer and self._value_range is not None:
             self._set_scaling(*self._value_range)
         self._fd = self._create_temp()
-        if self._direct:
+        if self._deferred:
+            self._scratch = self._create_scratch()
+        elif self._compressed:
+            self._open_sink()
+        else:
             header = _header_bytes(self._header)
             self._offset = len(header)
             pwrite_all(self._fd, header, 0)
-            os.ftruncate(self._fd, self._offset + int(np.prod(self.shape)) * self.dtype.itemsize)
-        else:
-            quantize_now = not self._integer or self._value_range is not None
-            # Fortran order, so that each last-axis slab is contiguous on disk.
-            buffer_dtype = self.dtype if quantize_now else np.float32
-            self._buffer = np.zeros(self.shape, dtype=buffer_dtype, order="F")
+            os.ftruncate(self._fd, self._offset + len(self._filled) * self._plane_bytes)
+
+    @property
+    def _plane_bytes(self) -> int:
+        return self._plane_size * self._file_dtype.itemsize
+
+    def _create_scratch(self) -> Any:
+        # Beside the target (same disk); an anonymous file leaves nothing behind.
+        directory, name = os.path.split(os.path.abspath(self.path))
+        return tempfile.TemporaryFile(dir=directory, prefix=f".{name}.conv3dt-scratch-")
+
+    def _open_sink(self) -> None:
+        """Start the output stream (compressed or not) with the header."""
+        fd, self._fd = self._fd, None
+        raw = open(fd, "wb")
+        self._sink = raw
+        if self._compressed:
+            self._sink = gzip.GzipFile(os.path.basename(self.path), "wb", _GZIP_LEVEL, raw)
+        self._raw = raw
+        self._sink.write(_header_bytes(self._header))
 
     def _set_scaling(self, lo: float, hi: float) -> None:
         self._header.set_slope_inter(*int_scaling(self.dtype, lo, hi))
@@ -262,51 +366,340 @@ class NiftiWriter(VolumeWriter):
         stored = np.rint((values - self._inter) / self._slope)
         return np.clip(stored, info.min, info.max).astype(self.dtype)
 
+    def _pieces(self, box: Box, array: np.ndarray) -> Any:
+        """``(plane, box within the plane, piece)`` for every plane the box meets, in order."""
+        lead = len(self._plane_shape)
+        inner, outer = box[:lead], box[lead:]
+        ranges = [range(s.start, s.stop) for s in outer]
+        strides = np.cumprod((1, *self._rest[:-1])) if self._rest else ()
+        for reversed_index in itertools.product(*ranges[::-1]):
+            index = reversed_index[::-1]
+            plane = int(sum(i * s for i, s in zip(index, strides, strict=True)))
+            local = tuple(i - s.start for i, s in zip(index, outer, strict=True))
+            yield plane, inner, array[(Ellipsis, *local)] if local else array
+
+    def _store(self, fd: int, offset: int, plane: int, inner: Box, piece: np.ndarray) -> None:
+        """Write one plane's piece at its place in a raw F-order file of planes."""
+        write_raw_box(
+            fd,
+            offset + plane * self._plane_bytes,
+            self._plane_shape[::-1],
+            self._file_dtype,
+            inner[::-1],
+            piece.T,
+        )
+
     def _write(self, box: Box, array: np.ndarray) -> None:
-        if self._integer and self._value_range is not None:
-            array = self._quantize(array)
-        if self._direct:
-            file_dtype = self._header.get_data_dtype()
-            file_box = box[::-1]
-            write_raw_box(self._fd, self._offset, self.shape[::-1], file_dtype, file_box, array.T)
+        for plane, inner, piece in self._pieces(box, array):
+            if self._deferred:
+                self._track_range(piece)
+                self._store(self._scratch.fileno(), 0, plane, inner, piece)
+                self._filled[plane] += piece.size
+                continue
+            values = self._quantize(piece) if self._integer else piece
+            if self._sink is None:
+                self._store(self._fd, self._offset, plane, inner, values)
+            else:
+                self._buffer(plane, inner, values)
+        if self._sink is not None:
+            self._emit_ready()
+
+    def _track_range(self, piece: np.ndarray) -> None:
+        if not piece.size:
+            return
+        low, high = float(np.min(piece)), float(np.max(piece))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError(f"`array` holds NaN or infinity, which {self.dtype} cannot store")
+        self._range = [min(self._range[0], low), max(self._range[1], high)]
+
+    # -- .nii.gz: planes compressed in order -------------------------------------
+
+    def _buffer(self, plane: int, inner: Box, values: np.ndarray) -> None:
+        if plane < self._next:
+            raise ValueError(
+                f"{self.path}: a box overlaps plane {plane} of the third axis, which is "
+                "complete and already compressed; boxes of a .nii.gz must not overlap"
+            )
+        held = self._planes.get(plane)
+        if held is None and plane not in self._spilled:
+            if (len(self._planes) + 1) * self._plane_bytes <= self.buffer_limit:
+                held = self._planes[plane] = np.zeros(
+                    self._plane_shape, dtype=self._file_dtype, order="F"
+                )
+            else:
+                if self._scratch is None:
+                    self._scratch = self._create_scratch()
+                self._spilled.add(plane)
+        if held is not None:
+            held[inner] = values
         else:
-            self._buffer[box] = array
+            self._store(self._scratch.fileno(), 0, plane, inner, values)
+        self._filled[plane] += values.size
+
+    def _emit_ready(self) -> None:
+        while self._next < len(self._filled) and self._filled[self._next] >= self._plane_size:
+            self._emit(self._next)
+
+    def _plane(self, plane: int) -> np.ndarray:
+        """A plane's stored values as a C-order (reversed axes) array."""
+        held = self._planes.pop(plane, None)
+        if held is not None:
+            return held.T
+        if plane in self._spilled or self._deferred:
+            self._spilled.discard(plane)
+            full = tuple(slice(0, n) for n in self._plane_shape[::-1])
+            return read_raw_box(
+                self._scratch.fileno(),
+                plane * self._plane_bytes,
+                self._plane_shape[::-1],
+                self._file_dtype,
+                full,
+            )
+        return np.zeros(self._plane_shape[::-1], dtype=self._file_dtype)
+
+    def _emit(self, plane: int) -> None:
+        values = self._plane(plane)
+        if self._deferred:
+            values = self._quantize(values)
+        self._sink.write(memoryview(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
+        self._next = plane + 1
+
+    # -- finishing -------------------------------------------------------------
 
     def _finish(self) -> None:
-        if self._direct:
+        if self._sink is None and not self._deferred:
             os.fsync(self._fd)
             fd, self._fd = self._fd, None
             os.close(fd)
-        else:
-            self._write_buffer()
-            fsync_path(self.tmp_path)
+            return
+        if self._deferred:
+            lo, hi = self._range
+            if int(self._filled.sum()) < int(np.prod(self.shape)):
+                lo, hi = min(lo, 0.0), max(hi, 0.0)  # unwritten voxels are 0
+            if hi >= lo:
+                self._set_scaling(lo, hi)
+            self._open_sink()
+        while self._next < len(self._filled):
+            self._emit(self._next)
+        sink, self._sink = self._sink, None
+        raw, self._raw = self._raw, None
+        if sink is not raw:
+            sink.close()  # the gzip trailer; the file stays open
+        raw.flush()
+        os.fsync(raw.fileno())
+        raw.close()
+        self._close_scratch()
 
-    def _write_buffer(self) -> None:
-        """Write header and buffered voxels in file order, one last-axis slab at a time."""
-        deferred_scaling = self._integer and self._value_range is None
-        if deferred_scaling and self._buffer.size:
-            if not np.all(np.isfinite(self._buffer)):
-                raise ValueError(f"`array` held NaN or infinity, which {self.dtype} cannot store")
-            self._set_scaling(float(self._buffer.min()), float(self._buffer.max()))
-        file_dtype = self._header.get_data_dtype()
-        buffer, self._buffer = self._buffer, None
-        slabs = [buffer] if buffer.ndim == 0 else (buffer[..., t] for t in range(buffer.shape[-1]))
-        fd, self._fd = self._fd, None
-        with open(fd, "wb") as raw:
-            stream: Any = raw
-            if self._compressed:
-                stream = gzip.GzipFile(os.path.basename(self.path), "wb", _GZIP_LEVEL, raw)
-            with stream:
-                stream.write(_header_bytes(self._header))
-                for slab in slabs:
-                    values = self._quantize(slab) if deferred_scaling else slab
-                    stream.write(np.asarray(values, dtype=file_dtype).tobytes(order="F"))
+    def _close_scratch(self) -> None:
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            scratch.close()
 
     def _discard(self) -> None:
-        self._buffer = None
+        self._planes.clear()
+        sink, self._sink = self._sink, None
+        raw, self._raw = self._raw, None
+        for handle in (sink, raw):
+            if handle is not None:
+                try:
+                    handle.close()
+                except (OSError, ValueError):
+                    pass
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
                 os.close(fd)
             except OSError:
                 pass
+        try:
+            self._close_scratch()
+        except OSError:
+            pass
+
+
+# -- .nii.gz reading: forward-only decompression, whole planes at a time ------
+
+# Compressed bytes per read from the file, and most bytes one inflate call may return.
+_INFLATE_INPUT = 64 << 10
+_INFLATE_OUTPUT = 256 << 10
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _Inflater:
+    """Decompress a gzip file (every member) forward from wherever it stands.
+
+    Reads the compressed file with ``os.pread`` at its own offset, so several
+    inflaters share one descriptor; :meth:`copy` snapshots one, position
+    included, so a later read can resume there instead of at the file's start.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._offset = 0  # compressed bytes consumed from the file
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._tail = b""  # compressed bytes read but not yet decompressed
+        self.position = 0  # uncompressed bytes produced so far
+
+    def copy(self) -> _Inflater:
+        """An independent inflater at the same position.
+
+        The copy holds no compressed bytes of its own (it reads them again from
+        the file), so snapshots cost little more than zlib's state.
+        """
+        twin = object.__new__(_Inflater)
+        twin._fd, twin._offset, twin._tail = self._fd, self._offset - len(self._tail), b""
+        twin._zlib = self._zlib.copy()
+        twin.position = self.position
+        return twin
+
+    def _input(self) -> bytes:
+        if self._zlib.eof:
+            # A member ended: another may follow (concatenated gzip files).
+            rest = self._zlib.unused_data
+            while len(rest) < len(_GZIP_MAGIC):
+                more = self._pread()
+                if not more:
+                    break
+                rest += more
+            if rest[:2] != _GZIP_MAGIC:
+                raise EOFError("the compressed data ends early")
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._tail = rest
+        if not self._tail:
+            self._tail = self._pread()
+            if not self._tail:
+                raise EOFError("the compressed data ends early")
+        return self._tail
+
+    def _pread(self) -> bytes:
+        data = os.pread(self._fd, _INFLATE_INPUT, self._offset)
+        self._offset += len(data)
+        return data
+
+    def _inflate(self, limit: int) -> bytes:
+        data = self._input()
+        out = self._zlib.decompress(data, min(limit, _INFLATE_OUTPUT))
+        self._tail = self._zlib.unconsumed_tail if not self._zlib.eof else b""
+        self.position += len(out)
+        return out
+
+    def readinto(self, buffer: np.ndarray) -> None:
+        """Fill a C-contiguous array with the next ``buffer.nbytes`` bytes.
+
+        Raises
+        ------
+        EOFError
+            When the file ends first.
+        zlib.error
+            When the compressed data is corrupt.
+        """
+        view = memoryview(buffer.reshape(-1).view(np.uint8))
+        while len(view):
+            out = self._inflate(len(view))
+            view[: len(out)] = out
+            view = view[len(out) :]
+
+    def skip(self, count: int) -> None:
+        """Decompress and drop the next ``count`` bytes."""
+        while count > 0:
+            count -= len(self._inflate(count))
+
+
+class _GzipPlanes:
+    """Planes of a ``.nii.gz``'s data, decompressed forward and windowed per volume.
+
+    The data is an F-order array of ``shape``: a *plane* covers the first two
+    axes, planes follow along the third, and a *volume* (index over the axes
+    after the third) is a run of planes. Each volume read has a cursor that keeps
+    the last planes it returned (at most ``window_limit`` bytes), so reads that
+    move forward, or stay put as neighbouring tiles do, decompress every byte
+    once. A read further back restarts its volume from a snapshot taken at the
+    volume's start, never from the file's start.
+    """
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self.dtype = dtype
+        self.plane_shape = (int(shape[1]), int(shape[0]))  # C order of the F-order plane
+        self.planes = int(shape[2])
+        self.plane_bytes = int(np.prod(shape[:2])) * dtype.itemsize
+        self._volume_bytes = self.plane_bytes * self.planes
+        start = _Inflater(self._fd)
+        start.skip(offset)
+        self._starts: dict[int, _Inflater] = {0: start}
+        self._cursors: dict[int, _Cursor] = {}
+        self.window_limit = _DEFAULT_WINDOW
+
+    def _start_of(self, volume: int) -> _Inflater:
+        known = max(v for v in self._starts if v <= volume)
+        while known < volume:
+            walker = self._starts[known].copy()
+            walker.skip(self._volume_bytes)
+            known += 1
+            self._starts[known] = walker
+        return self._starts[volume].copy()
+
+    def read(self, volumes: list[int], first: int, stop: int) -> list[np.ndarray]:
+        """Planes ``first:stop`` of each volume, as ``(planes, j, i)`` arrays (file dtype).
+
+        Cursors of volumes not asked for are dropped with their windows.
+        """
+        for volume in list(self._cursors):
+            if volume not in volumes:
+                del self._cursors[volume]
+        result = []
+        for volume in volumes:
+            cursor = self._cursors.get(volume)
+            if cursor is None:
+                cursor = self._cursors[volume] = _Cursor(self, volume)
+            result.append(cursor.planes(first, stop))
+        return result
+
+    def close(self) -> None:
+        self._cursors.clear()
+        self._starts.clear()
+        os.close(self._fd)
+
+
+class _Cursor:
+    """One volume's forward decompression and its window of planes."""
+
+    def __init__(self, owner: _GzipPlanes, volume: int) -> None:
+        self._owner = owner
+        self._volume = volume
+        self._inflater: _Inflater | None = None
+        self._next = 0  # plane the inflater stands at
+        self._window: np.ndarray | None = None
+        self._first = 0  # plane index of the window's first plane
+
+    def planes(self, first: int, stop: int) -> np.ndarray:
+        owner = self._owner
+        window = self._window
+        if window is not None and self._first <= first and stop <= self._first + len(window):
+            return window[first - self._first : stop - self._first]
+        self._window = None
+        done = first
+        if window is not None and self._first <= first < self._first + len(window):
+            # Neighbouring tiles overlap by their halo: keep what is already here,
+            # moved to the front of the same buffer when the size repeats.
+            kept = window[first - self._first :]
+            if len(window) == stop - first:
+                planes = window
+                planes[: len(kept)] = kept.copy()
+            else:
+                planes = np.empty((stop - first, *owner.plane_shape), dtype=owner.dtype)
+                planes[: len(kept)] = kept
+            done = first + len(kept)
+        else:
+            planes = np.empty((stop - first, *owner.plane_shape), dtype=owner.dtype)
+        del window
+        if done < stop:
+            if self._inflater is None or done < self._next:
+                self._inflater = owner._start_of(self._volume)
+                self._next = 0
+            self._inflater.skip((done - self._next) * owner.plane_bytes)
+            self._inflater.readinto(planes[done - first :])
+            self._next = stop
+        if planes.nbytes <= owner.window_limit:
+            self._window, self._first = planes, first
+        return planes
