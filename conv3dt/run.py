@@ -253,14 +253,22 @@ def compute_tile(
         work,
         engine=engine,
     ).astype(compute, copy=False)
+    # What layer.finish does (bias, then activation in the compute dtype), with
+    # the bias added in place: the same arithmetic without a second
+    # output-sized buffer to allocate and fault in for every tile.
+    if layer.use_bias and layer.bias is not None:
+        np.add(conv, layer.bias.astype(conv.dtype), out=conv)
+    if layer.activation is None:
+        return conv
     if layer.data_format == "channels_first":
         moved = np.moveaxis(conv, -1, 1)
         if _activation_name(layer) in _COUPLING_ACTIVATIONS:
             # Reductions along the width must run over contiguous rows, as in
             # the whole-volume call: NumPy's summation order follows the layout.
             moved = np.ascontiguousarray(moved)
-        return np.moveaxis(layer.finish(moved), 1, -1)
-    return layer.finish(conv)
+        activated = np.asarray(layer.activation(moved)).astype(moved.dtype, copy=False)
+        return np.moveaxis(activated, 1, -1)
+    return np.asarray(layer.activation(conv)).astype(conv.dtype, copy=False)
 
 
 def _to_storage(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
