@@ -1,8 +1,10 @@
 """Numba kernels of the fast engines. Import this module only when a Numba path runs.
 
-Every kernel fixes the order in which an output voxel's terms are added: taps
-in ascending order, then channels. The order never depends on the box being
-computed, so a tile's values equal the untiled ones bit for bit.
+The order in which an output voxel's terms are added never depends on the box
+being computed, so a tile's values equal the untiled ones bit for bit: the
+direct kernels add taps in ascending order (each tap's channels first, in
+ascending order); the GEMM engine's kernels only move data, except that
+:func:`scatter_rows` sums the parts of a split product in their fixed order.
 """
 
 from __future__ import annotations
