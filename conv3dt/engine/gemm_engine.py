@@ -48,9 +48,20 @@ _SPLIT_RATIO = 4
 
 
 def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
-    """Rows of every GEMM of a ``(rows, k) @ (k, n)`` layer, and GEMMs per task.
+    """Rows of every GEMM of a ``(rows, k) @ (k, n)`` product, and GEMMs per task.
 
     Both depend on the layer only (never on the box), so tiles are exact.
+
+    Parameters
+    ----------
+    k, n : int
+        The product's inner and result widths.
+    itemsize : int
+        Bytes per value.
+
+    Returns
+    -------
+    rows, blocks : int
     """
     rows = min(_SMALL_PRODUCT // (k * n) // _ROW_STEP * _ROW_STEP, _MAX_SMALL_ROWS)
     if rows < _MIN_SMALL_ROWS:
