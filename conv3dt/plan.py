@@ -37,10 +37,11 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # What is resident at the busiest moment of a run, counted in tile boxes (see
 # conv3dt.run.upsample_file). Input boxes: the one read ahead, the one being
 # computed and the engine's padded / cast copy of it. Output boxes: the engine's
-# result, the bias-added result, the activation's result, the previous tile
-# still being written behind and the contiguous copy a writer may make of it.
+# result (the bias is added in place), the previous tile still being written
+# behind and the contiguous copy a writer may make of it; the activation's
+# results come on top (``activation_boxes``).
 _INPUT_BOXES = 3
-_OUTPUT_BOXES = 5
+_OUTPUT_BOXES = 3
 # The NumPy engine's per-tap products: one input box with `filters` channels.
 _TAP_BOXES = 1
 # Fixed-size work blocks of the engines, independent of the tile (the GEMM
@@ -210,6 +211,7 @@ class _Costs:
     stream_in: int
     stream_out: int
     outer: int
+    activation_boxes: int
 
     def boxes(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> tuple[int, int]:
         in_voxels = math.prod(_input_extent(g, t) for g, t in zip(axes, tile, strict=True))
@@ -235,7 +237,7 @@ class _Costs:
         return (
             in_voxels * self.in_channels * self.work * _INPUT_BOXES
             + in_voxels * self.filters * self.work * _TAP_BOXES
-            + out_voxels * self.filters * self.work * _OUTPUT_BOXES
+            + out_voxels * self.filters * self.work * (_OUTPUT_BOXES + self.activation_boxes)
             + sum(self.windows(axes, tile))
             + ENGINE_WORKSPACE_BYTES
         )
@@ -281,6 +283,7 @@ def plan_tiles(
     stream_out_bytes: int = 0,
     chunk_bytes: int | None = None,
     out_itemsize: int | None = None,
+    activation_boxes: int = 1,
 ) -> Plan:
     """Choose tiles for one volume of the output.
 
@@ -315,6 +318,9 @@ def plan_tiles(
         many bytes (``filters * out_itemsize`` per voxel) dividing every tile.
     out_itemsize : int, optional
         Bytes per stored output value (default ``itemsize``).
+    activation_boxes : int
+        Output-sized arrays the activation holds at once (0 for none or
+        linear, 1 for elementwise ones, more for softmax and the like).
 
     Raises
     ------
@@ -339,6 +345,7 @@ def plan_tiles(
         stream_in=stream_in_bytes if streamed else 0,
         stream_out=stream_out_bytes if streamed else 0,
         outer=order[0],
+        activation_boxes=activation_boxes,
     )
     out_shape = [g.output_length for g in axes]
     if tile_shape is not None:

@@ -98,6 +98,17 @@ def _activation_name(layer: Conv3DTranspose) -> str:
     return str(name or "").lower()
 
 
+def _activation_boxes(name: str) -> int:
+    """Output-sized arrays an activation holds at once (its temporaries and result)."""
+    if name in ("", "linear", "none"):
+        return 0
+    if name in _COUPLING_ACTIVATIONS:
+        # A contiguous copy, the shifted values, their exponentials, the result.
+        return 4
+    # An elementwise result, and one temporary for the compound ones (gelu, elu...).
+    return 2
+
+
 def prepare(
     spec: LayerSpec,
     shape: tuple[int, ...],
@@ -215,6 +226,7 @@ def prepare(
         stream_out_bytes=stream_out,
         chunk_bytes=DEFAULT_CHUNK_BYTES if output_format in _CHUNKED_FORMATS else None,
         out_itemsize=out_dtype.itemsize,
+        activation_boxes=_activation_boxes(activation),
     )
     affine = None
     if input_affine is not None:

@@ -527,14 +527,26 @@ def test_gzip_input_read_backwards_restarts_and_stays_correct(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fmt_in, fmt_out", [("npy", "npy"), ("niigz", "niigz"), ("h5", "h5"), ("nii", "nii")]
+    "fmt_in, fmt_out, config",
+    [
+        ("npy", "npy", {}),
+        ("niigz", "niigz", {}),
+        ("h5", "h5", {}),
+        ("nii", "nii", {}),
+        ("npy", "npy", {"activation": "softmax", "data_format": "channels_first"}),
+        ("npy", "npy", {"activation": "linear"}),
+    ],
 )
-def test_measured_memory_stays_within_the_plan(tmp_path, fmt_in, fmt_out):
+def test_measured_memory_stays_within_the_plan(tmp_path, fmt_in, fmt_out, config):
     rng = np.random.default_rng(9)
-    layer = _layer(rng, 2, filters=2, kernel_size=3, strides=2, padding="same", activation="tanh")
+    config = {"padding": "same", "activation": "tanh", **config}
+    layer = _layer(rng, 2, filters=2, kernel_size=3, strides=2, **config)
     stored = rng.standard_normal((64, 64, 64, 2)).astype(np.float32)
+    small = stored[:4, :4, :4]
+    if layer.data_format == "channels_first":
+        stored, small = np.moveaxis(stored, -1, 0), np.moveaxis(small, -1, 0)
     # Compile and warm the engine first: its one-off allocations are not tiles.
-    _run(tmp_path, layer, stored[:4, :4, :4], "npy", "npy")
+    _run(tmp_path, layer, small, "npy", "npy")
     src = tmp_path / f"in{EXTENSIONS[fmt_in]}"
     dst = tmp_path / f"out{EXTENSIONS[fmt_out]}"
     _save(src, stored)
