@@ -265,6 +265,14 @@ def connect(
                 cluster.close()
                 raise
         if scheduler_file is not None:
+            # distributed.Client would wait for a missing file forever.
+            deadline = time.monotonic() + timeout
+            while not os.path.exists(scheduler_file):
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"the scheduler file {scheduler_file} did not appear within {timeout:g} s"
+                    )
+                time.sleep(0.1)
             return Session(distributed.Client(scheduler_file=scheduler_file, timeout=timeout))
         return Session(distributed.Client(address, timeout=timeout))
     except (OSError, TimeoutError) as exc:

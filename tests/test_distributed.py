@@ -28,6 +28,7 @@ pytest.importorskip("zarr")
 from conv3dt import Conv3DTranspose
 from conv3dt.batch import Job
 from conv3dt.distributed import (
+    ClusterError,
     DaskUnavailableError,
     connect,
     import_distributed,
@@ -246,6 +247,13 @@ def test_local_workers_parses_addresses():
     assert local_workers("local") >= 1
     with pytest.raises(ValueError, match="`address`"):
         local_workers("")
+
+
+def test_unreachable_schedulers_are_cluster_errors(tmp_path):
+    with pytest.raises(ClusterError, match=r"did not appear within 0\.3 s"):
+        connect(scheduler_file=str(tmp_path / "none.json"), timeout=0.3)
+    with pytest.raises(ValueError, match="exactly one of"):
+        connect("local:1", scheduler_file=str(tmp_path / "none.json"))
 
 
 def test_remove_stale_temps_touches_only_the_targets_temporaries(tmp_path):
