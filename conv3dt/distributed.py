@@ -682,6 +682,7 @@ class TiledOutput:
         self._template_attrs = template_attrs
         self.total_voxels = batch * math.prod(plan.output_shape)
         self.finished: set[int] = set()
+        self._done_voxels = 0
         self.resumed = 0
         self._record_fd: int | None = None
         self.context = _TileContext(
@@ -777,6 +778,7 @@ class TiledOutput:
             done = _read_record(self.record, self.fingerprint, len(self.tasks))
             if done is not None and self._scratch_intact():
                 self.finished = done
+                self._done_voxels = sum(self._voxels(i) for i in done)
                 self.resumed = len(done)
                 self._record_fd = os.open(self.record, os.O_WRONLY | os.O_APPEND)
                 log.info("%s: resuming, %d of %d tiles done", self.job.output, len(done), len(self))
@@ -805,6 +807,7 @@ class TiledOutput:
         if tile_id not in self.finished:
             self._append({"tile": tile_id})
             self.finished.add(tile_id)
+            self._done_voxels += self._voxels(tile_id)
 
     def close(self) -> None:
         """Close the completion record (the scratch stays for a resume)."""
@@ -827,9 +830,12 @@ class TiledOutput:
         """Whether every tile is in the scratch."""
         return len(self.finished) == len(self.tasks)
 
+    def _voxels(self, tile_id: int) -> int:
+        return math.prod(self.tasks[tile_id].tile.out_shape)
+
     def done_voxels(self) -> int:
         """Output voxels (per channel) of the finished tiles."""
-        return sum(math.prod(self.tasks[i].tile.out_shape) for i in self.finished)
+        return self._done_voxels
 
     def finish_in_place(self) -> None:
         """Rename a finished .npy or Zarr scratch onto the target, then drop the record."""
