@@ -58,7 +58,15 @@ from conv3dt.engine.threads import available_cores, set_threads
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layout import DiskLayout
 from conv3dt.plan import Plan, Tile
-from conv3dt.run import Prepared, RunResult, compute_tile, peak_rss_bytes, prepare, upsample_file
+from conv3dt.run import (
+    Prepared,
+    RunResult,
+    compute_tile,
+    input_storage,
+    peak_rss_bytes,
+    prepare,
+    upsample_file,
+)
 from conv3dt.spec import LayerSpec
 from conv3dt.volumes import (
     VolumeError,
@@ -388,9 +396,11 @@ def _prepare_for(
         input_affine=affine,
         output_dtype=options.output_dtype,
         memory_limit=options.memory_limit,
-        storage_order="F" if spatial_first else "C",
         tile_shape=tile_shape,
         output_spatial_first=out_is_nifti or spatial_first,
+        # Tiles follow the input's storage (its order, chunks, stream); the
+        # output side is a scratch volume, whatever the target's format.
+        **input_storage(source),
     )
 
 

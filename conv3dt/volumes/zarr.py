@@ -282,7 +282,13 @@ def replace_directory(source: str, target: str) -> None:
 
 
 class ZarrReader(VolumeReader):
-    """Read boxes of one Zarr array."""
+    """Read boxes of one Zarr array.
+
+    Attributes
+    ----------
+    chunks : tuple of int
+        The array's chunk shape (tiles that follow it read whole chunks).
+    """
 
     format = "zarr"
 
@@ -293,6 +299,7 @@ class ZarrReader(VolumeReader):
         if stored.kind not in "biuf" or stored.fields is not None:
             raise VolumeError(f"{path}: unsupported dtype {stored}; expected numbers")
         self.shape = tuple(int(n) for n in self._array.shape)
+        self.chunks = tuple(int(n) for n in self._array.chunks)
         self.dtype = stored.newbyteorder("=")
         attrs = dict(self._array.attrs)
         affine = None
