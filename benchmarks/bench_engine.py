@@ -80,7 +80,7 @@ WORKLOADS = [
 
 
 def interleaved(
-    calls: dict[str, Callable[[], object]], repeats: int, budget: float
+    calls: dict[str, Callable[[], object]], repeats: int, budget: float, pause: float = 0.2
 ) -> dict[str, float]:
     """Median seconds per call, timing the calls in turn (one round after another).
 
@@ -99,6 +99,8 @@ def interleaved(
         for name, call in calls.items():
             if name in slow and round_ > 0:
                 continue
+            # Let the previous call's idle threads (OpenMP's spin-waiting ones) go to sleep.
+            time.sleep(pause)
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
