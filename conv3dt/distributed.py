@@ -115,6 +115,8 @@ _TILES_PER_SLOT = 2
 # slot busy, few enough that the client keeps up with completions and an
 # interrupted run has little to cancel, however many tiles a volume has.
 _TASKS_PER_SLOT = 4
+# Tiles of fewer output voxels than this cost more in task overhead than in compute.
+_SMALL_TILE_VOXELS = 4096
 # Bytes per box when a scratch .npy is copied into a NIfTI or HDF5 target
 # (without a memory limit to take a share of).
 _COPY_BYTES = 64 << 20
@@ -656,6 +658,14 @@ class TiledOutput:
             self.input_shape = tuple(source.shape)
             template_attrs = dict(source.metadata.attrs)
         self.prepared = prepared
+        if options.tile_shape is None and math.prod(prepared.plan.tile_shape) < _SMALL_TILE_VOXELS:
+            log.warning(
+                "%s: the memory limit allows tiles of only %s voxels (%d tasks); raise "
+                "--memory-limit or give --tile-shape",
+                job.input,
+                "x".join(map(str, prepared.plan.tile_shape)),
+                len(prepared.plan) * batch,
+            )
         self.format = options.output_format or detect_format(job.output)
         self.output_dtype = prepared.output_dtype
         if self.format in ("npy", "zarr") and self.output_dtype not in _FLOAT_DTYPES:
