@@ -32,7 +32,15 @@ from conv3dt.spec import LayerSpec
 from conv3dt.volumes import VolumeReader, create_volume, detect_format, open_volume
 from conv3dt.volumes.affine import output_affine
 
-__all__ = ["OUTPUT_DTYPES", "RunResult", "input_storage", "prepare", "upsample_file"]
+__all__ = [
+    "OUTPUT_DTYPES",
+    "RunResult",
+    "compute_tile",
+    "input_storage",
+    "peak_rss_bytes",
+    "prepare",
+    "upsample_file",
+]
 
 OUTPUT_DTYPES = ("float32", "float16", "float64", "int16", "uint8")
 _COUPLING_ACTIVATIONS = ("softmax", "log_softmax", "sparsemax", "glu")
