@@ -8,8 +8,8 @@ zero padding, and its full output is cropped to Keras's window with the crops of
 :func:`conv3dt.ops.layer_geometry` (a view: the crop costs nothing).
 
 The table gives, per workload and engine: the median time of several runs
-after a warm-up (so Numba compilation is not counted; the cases take turns so
-that all meet the same machine state), GFLOP/s counted as
+after a warm-up (so Numba compilation is not counted; the cases take turns in
+a rotating order so that all meet the same machine state), GFLOP/s counted as
 ``2 * batch * input_voxels * in_channels * filters * kernel_voxels``, that
 rate as a share of this machine's float32 NumPy matmul rate (measured in the
 same run), the speed-up over PyTorch (its time divided by ours) and the largest
@@ -80,13 +80,14 @@ WORKLOADS = [
 
 
 def interleaved(
-    calls: dict[str, Callable[[], object]], repeats: int, budget: float, pause: float = 0.2
+    calls: dict[str, Callable[[], object]], repeats: int, budget: float, pause: float = 0.01
 ) -> dict[str, float]:
     """Median seconds per call, timing the calls in turn (one round after another).
 
-    Taking turns lets every call meet the same machine state (other processes,
-    memory the kernel has to zero for fresh outputs). A call slower than
-    ``budget`` seconds in its warm-up is timed once only.
+    Taking turns, in an order rotating from round to round, lets every call meet
+    the same machine state (other processes, threads of the previous call still
+    spinning, memory the kernel has to zero for fresh outputs). A call slower
+    than ``budget`` seconds in its warm-up is timed once only.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     slow = set()
@@ -95,11 +96,15 @@ def interleaved(
         call()
         if time.perf_counter() - start > budget:
             slow.add(name)
+    names = list(calls)
     for round_ in range(repeats):
-        for name, call in calls.items():
+        # Each round starts with the next case, so no case always follows the same one.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            call = calls[name]
             if name in slow and round_ > 0:
                 continue
-            # Let the previous call's idle threads (OpenMP's spin-waiting ones) go to sleep.
+            # Let the previous call's idle threads (OpenMP's spin-waiting ones) go to
+            # sleep; not longer, or the cores clock down.
             time.sleep(pause)
             start = time.perf_counter()
             call()
