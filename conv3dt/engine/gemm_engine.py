@@ -70,10 +70,10 @@ def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
     return rows, blocks
 
 
-def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Zeros whose data starts on a cache line (BLAS results then never hinge on alignment)."""
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array whose data starts on a cache line (BLAS results then never hinge on alignment)."""
     count = int(np.prod(shape))
-    raw = np.zeros(count * dtype.itemsize + _ALIGN, dtype=np.uint8)
+    raw = np.empty(count * dtype.itemsize + _ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % _ALIGN
     return raw[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
 
@@ -270,8 +270,8 @@ def conv_transpose_region_gemm(
             size = job.blocks * job.rows
             if index not in buffers:
                 buffers[index] = (
-                    _aligned_zeros((size + job.extra, k), compute_dtype),
-                    _aligned_zeros((parts, job.blocks, job.rows, n), compute_dtype),
+                    _aligned_empty((size + job.extra, k), compute_dtype),
+                    _aligned_empty((parts, job.blocks, job.rows, n), compute_dtype),
                 )
             a, g = buffers[index]
             nk.gather_rows(src, start - job.extra, total, job_grid, job_shift, job.offsets, a)
