@@ -440,3 +440,42 @@ def test_special_paths_cover_split_and_whole_gemms() -> None:
 
     assert plans((3, 3, 3), (1, 1, 1), (2, 2, 2), 5, 6) == {3}
     assert plans((4, 4, 4), (2, 2, 2), (1, 1, 1), 6, 5) == {1}
+
+
+@pytest.mark.parametrize("engine", ["auto", "gemm"])
+def test_wide_layer_tiles_are_exact(engine: str) -> None:
+    """Many channels (long GEMM reductions, where a BLAS is most likely to sum
+    differently for different shapes): tiles of every size equal the untiled result."""
+    layer = {
+        "kernel_size": (3, 3, 3),
+        "strides": (2, 2, 2),
+        "dilation": (1, 1, 1),
+        "spatial": (7, 6, 9),
+        "channels": 40,
+        "filters": 24,
+        "batch": 1,
+        "seed": 3,
+    }
+    x, kernel = _arrays(layer)
+    axes = layer_geometry(layer["spatial"], (3, 3, 3), (2, 2, 2), "same", None, (1, 1, 1))
+    crop = tuple(g.crop_left for g in axes)
+    out_shape = tuple(g.output_length for g in axes)
+    whole = _run(layer, x, kernel, (0, 0, 0), crop, out_shape, engine, np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        lo = [int(rng.integers(0, n)) for n in out_shape]
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, out_shape, strict=True)]
+        ranges = [g.input_range(a, b) for g, a, b in zip(axes, lo, hi, strict=True)]
+        tile = _run(
+            layer,
+            x[:, slice(*ranges[0]), slice(*ranges[1]), slice(*ranges[2])],
+            kernel,
+            tuple(r[0] for r in ranges),
+            tuple(a + c for a, c in zip(lo, crop, strict=True)),
+            tuple(b - a for a, b in zip(lo, hi, strict=True)),
+            engine,
+            np.float32,
+        )
+        np.testing.assert_array_equal(
+            tile, whole[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], err_msg=f"{lo}-{hi}"
+        )
