@@ -21,7 +21,12 @@ log = logging.getLogger("conv3dt")
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Let a scheduler's SIGTERM unwind like Ctrl-C, so partial outputs are removed."""
 
+    from conv3dt import interrupt
+
+    interrupt.clear()
+
     def handler(signum: int, frame: Any) -> None:
+        interrupt.request()
         raise KeyboardInterrupt
 
     try:

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npformat
 
-from conv3dt import __version__
+from conv3dt import __version__, interrupt
 from conv3dt.batch import Job
 from conv3dt.engine.threads import available_cores, set_threads
 from conv3dt.geometry import AxisGeometry
@@ -988,6 +988,7 @@ class _Batch:
                 entry = self.live.pop(future.key, None)
                 if entry is not None:
                     self._handle(future, entry[1])
+                interrupt.check()
                 self._top_up()
         except BaseException:
             self.waiting.clear()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from conv3dt import __version__
+from conv3dt import __version__, interrupt
 from conv3dt.dtypes import numpy_dtype
 from conv3dt.engine import conv_transpose_region
 from conv3dt.geometry import AxisGeometry
@@ -432,6 +432,7 @@ def upsample_file(
             pending_read: Future | None = pool.submit(read, jobs[0]) if jobs else None
             pending_write: Future | None = None
             for index, (sample, tile) in enumerate(jobs):
+                interrupt.check()
                 assert pending_read is not None
                 x = pending_read.result()
                 pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
