@@ -378,45 +378,12 @@ def info(volumes: tuple[str, ...], input_format: str | None, as_json: bool, debu
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing spec and weight files.")
 @_debug_option
-def init(
-    spec_path: str,
-    filters: int,
-    kernel_size: str,
-    strides: str,
-    padding: str,
-    output_padding: str | None,
-    dilation_rate: str,
-    data_format: str,
-    activation: str | None,
-    use_bias: bool,
-    kernel_initializer: str,
-    bias_initializer: str,
-    in_channels: int,
-    seed: int,
-    overwrite: bool,
-    debug: bool,
-) -> None:
+def init(spec_path: str, debug: bool, **layer_options: Any) -> None:
     """Write a spec from layer options, with weights drawn from the initializers."""
     with errors.reporting(debug):
         from conv3dt_cli.init_spec import write_spec
 
-        written = write_spec(
-            spec_path,
-            filters=filters,
-            kernel_size=kernel_size,
-            strides=strides,
-            padding=padding,
-            output_padding=output_padding,
-            dilation_rate=dilation_rate,
-            data_format=data_format,
-            activation=activation,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            in_channels=in_channels,
-            seed=seed,
-            overwrite=overwrite,
-        )
+        written = write_spec(spec_path, **layer_options)
         for path in written:
             click.echo(f"wrote {path}", err=True)
 
