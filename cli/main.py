@@ -197,63 +197,23 @@ def upsample(
     spec: str | None,
     keras_model: str | None,
     layer_name: str | None,
-    output: str | None,
-    output_dir: str | None,
-    name_template: str,
-    input_format: str | None,
-    output_format: str | None,
-    output_dtype: str,
-    four_d_as_batch: bool,
-    memory_limit: str | None,
-    compression: str | None,
-    engine: str,
-    threads: int | None,
     seed: int | None,
-    overwrite: bool,
-    skip_existing: bool,
-    keep_going: bool,
-    as_json: bool,
-    shard: str | None,
-    tile_shape: str | None,
-    dask_address: str | None,
-    dask_scheduler_file: str | None,
-    quiet: bool,
     verbose: int,
-    debug: bool,
+    **options: Any,
 ) -> None:
     """Apply the layer to each INPUT volume (files, directories, globs, '-' for stdin)."""
-    _configure_logging(verbose, quiet)
-    with errors.reporting(debug):
+    _configure_logging(verbose, options["quiet"])
+    with errors.reporting(options["debug"]):
         from conv3dt_cli.upsample import run_upsample
 
-        if overwrite and skip_existing:
+        if options["overwrite"] and options["skip_existing"]:
             raise click.UsageError("--overwrite and --skip-existing exclude each other")
-        if as_json and output == "-":
+        if options["as_json"] and options["output"] == "-":
             raise click.UsageError("--json and -o - both write to stdout; use one of them")
         code = run_upsample(
             list(inputs),
             layer_spec_loader=lambda: _load_layer_spec(spec, keras_model, layer_name, seed),
-            output=output,
-            output_dir=output_dir,
-            name_template=name_template,
-            input_format=input_format,
-            output_format=output_format,
-            output_dtype=output_dtype,
-            four_d_as_batch=four_d_as_batch,
-            memory_limit=memory_limit,
-            compression=compression,
-            engine=engine,
-            threads=threads,
-            overwrite=overwrite,
-            skip_existing=skip_existing,
-            keep_going=keep_going,
-            as_json=as_json,
-            quiet=quiet,
-            debug=debug,
-            shard=shard,
-            tile_shape=tile_shape,
-            dask_address=dask_address,
-            dask_scheduler_file=dask_scheduler_file,
+            **options,
         )
         _exit(code)
 
