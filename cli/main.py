@@ -45,7 +45,8 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
     function = click.option(
         "--keras-model",
         type=click.Path(dir_okay=False),
-        help="A Keras model file (.keras, legacy .h5) to take the layer and weights from.",
+        help="A Keras model file (.keras, legacy .h5) to take the layer and weights from; "
+        "or a weights-only .weights.h5, with --spec for the layer config.",
     )(function)
     function = click.option(
         "--spec",
@@ -58,20 +59,56 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def _load_layer_spec(
     spec: str | None, keras_model: str | None, layer_name: str | None, seed: int | None = None
 ) -> Any:
-    if (spec is None) == (keras_model is None):
-        raise click.UsageError("give exactly one of --spec and --keras-model")
+    """The layer from --spec, --keras-model, or a weights-only model file and a spec.
+
+    A weights-only file (``model.save_weights``) records no layer config, so the
+    spec supplies it; the spec must then leave out ``weights``, since the file's
+    weights and the spec's would compete. A full model file has its own config,
+    so a spec beside it is refused rather than silently ignored or merged.
+    """
+    if spec is None and keras_model is None:
+        raise click.UsageError(
+            "give --spec, --keras-model, or both (a .weights.h5 file and the spec of its layer)"
+        )
     if layer_name is not None and keras_model is None:
         raise click.UsageError("--layer needs --keras-model")
-    from conv3dt.spec import LayerSpec, load_spec
+    from conv3dt.spec import LayerSpec, SpecError, load_spec
 
-    if spec is not None:
+    if keras_model is None:
         loaded = load_spec(spec)
         if seed is not None:
             loaded.seed = seed
         return loaded
-    from conv3dt.keras_file import load_layer
+    from conv3dt.keras_file import KerasFileError, load_keras_layer, load_layer
 
-    return LayerSpec(layer=load_layer(keras_model, layer_name), source=str(keras_model), seed=seed)
+    if spec is None:
+        try:
+            layer = load_layer(keras_model, layer_name)
+        except KerasFileError:
+            # Reading the layer's entry alone tells a weights-only file (no config).
+            if load_keras_layer(keras_model, layer_name)[0] is not None:
+                raise
+            raise KerasFileError(
+                f"{keras_model} holds weights only, not the layer's config (filters, "
+                "kernel_size, ...)\n  give the config with --spec SPEC: a spec with a "
+                "'layer' entry and no 'weights'"
+            ) from None
+        return LayerSpec(layer=layer, source=str(keras_model), seed=seed)
+    loaded = load_spec(spec)
+    stored_config, _ = load_keras_layer(keras_model, layer_name)
+    if stored_config is not None:
+        raise KerasFileError(
+            f"{keras_model} is a model file with the layer's own config, which --spec "
+            f"{spec} would contradict\n  use --spec only with a weights-only file "
+            "(.weights.h5), or leave it out"
+        )
+    if loaded.layer.built:
+        raise SpecError(
+            f"{spec} gives weights and so does --keras-model {keras_model}\n  remove the "
+            "spec's 'weights' entry: with a .weights.h5 file the spec gives the layer config only"
+        )
+    layer = load_layer(keras_model, layer_name, layer_config=loaded.layer.get_config())
+    return LayerSpec(layer=layer, source=f"{keras_model} (layer config: {spec})", seed=seed)
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
