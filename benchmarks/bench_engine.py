@@ -15,17 +15,47 @@ rate as a share of this machine's float32 NumPy matmul rate (measured in the
 same run), the speed-up over PyTorch (its time divided by ours) and the largest
 difference from PyTorch relative to PyTorch's largest magnitude.
 
+Two sections on the command-line tool follow (they need conv3dt installed,
+``pip install -e .``, and run it as a child process of this interpreter):
+
+End to end
+    ``conv3dt upsample`` on a random 256**3 float32 ``.npy`` volume written to a
+    temporary directory, with a YAML spec and weight files beside it: C1 is a
+    1-filter, kernel 2, strides 2, valid layer with a bias (output 512**3), C2
+    an 8-filter, kernel 3, strides 2, same one (output 512**3 x 8, 4 GiB on
+    disk). Per row: wall seconds of the child process and the seconds its
+    ``--json`` line reports, output and input voxels per wall second, the
+    child's peak resident set size (its own ``ru_maxrss`` from ``os.wait4``)
+    and the peak the tool reports in ``--json``. The output's shape is checked,
+    and voxels at the corners and at random places are checked against a direct
+    sum over the kernel taps; a mismatch stops the benchmark with an error.
+    Both layers first run once on a 16**3 volume so the Numba cache is warm.
+Start-up
+    ``conv3dt --help`` (best of 5 fresh processes; limit 0.5 s) and a fresh
+    process's ``conv3dt upsample`` of a 16**3 volume through C1 with a warm
+    Numba compilation cache (best of 3 after one warming run; limit 2 s), each
+    through the ``conv3dt`` script beside this interpreter, when there is one,
+    and through ``python -m conv3dt``. Each row says PASS or MISS.
+
 Run from the repository root::
 
     python benchmarks/bench_engine.py                 # everything
     python benchmarks/bench_engine.py -w W1,W5 -e auto --repeats 11
+    python benchmarks/bench_engine.py --no-cli        # the workload table only
+    python benchmarks/bench_engine.py --cli-only      # the command-line sections only
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +156,7 @@ def matmul_rate(size: int = 2048) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def run(args: argparse.Namespace) -> None:
+def run_workloads(args: argparse.Namespace) -> None:
     """Time the selected workloads and engines and print the table."""
     try:
         import torch
@@ -213,6 +243,220 @@ def run(args: argparse.Namespace) -> None:
         print(f"    {w.describe()}; goal: {w.goal:g}x PyTorch")
 
 
+HELP_LIMIT = 0.5  # seconds for ``conv3dt --help``
+FIRST_RUN_LIMIT = 2.0  # seconds for a fresh process's small run, Numba cache warm
+SMALL_SIZE = 16
+
+
+@dataclass(frozen=True)
+class CliCase:
+    """One single-channel layer, with a bias, for the end-to-end runs of ``conv3dt upsample``."""
+
+    name: str
+    filters: int
+    kernel: int
+    stride: int
+    padding: str
+
+    def describe(self) -> str:
+        """The layer in Keras terms."""
+        return (
+            f"1 -> {self.filters}, kernel {self.kernel}, strides {self.stride}, "
+            f"{self.padding}, bias"
+        )
+
+
+CLI_CASES = [CliCase("C1", 1, 2, 2, "valid"), CliCase("C2", 8, 3, 2, "same")]
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """What one finished child process took and printed."""
+
+    seconds: float
+    peak_rss: int
+    stdout: str
+
+
+def run_child(command: list[str], workdir: Path) -> ChildRun:
+    """Run ``command`` in ``workdir`` to its end; raise with its stderr if it fails.
+
+    The peak resident set size is the child's own (``os.wait4``):
+    ``RUSAGE_CHILDREN`` would give the largest over every child waited for so far.
+    """
+    out_path = workdir / "child.out"
+    err_path = workdir / "child.err"
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=workdir)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+    # Tell Popen the child is reaped, or it would try to wait for it again.
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} exited with {process.returncode}:\n{err_path.read_text()}"
+        )
+    # ru_maxrss is in KiB on Linux.
+    return ChildRun(seconds, usage.ru_maxrss * 1024, out_path.read_text())
+
+
+def write_case(case: CliCase, workdir: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Write the case's weights and YAML spec; return the spec's path, kernel and bias."""
+    rng = np.random.default_rng(1)
+    shape = (case.kernel,) * 3 + (case.filters, 1)
+    kernel = rng.standard_normal(shape, dtype=np.float32) / np.float32(case.kernel**1.5)
+    bias = rng.standard_normal(case.filters, dtype=np.float32)
+    np.save(workdir / f"{case.name}_kernel.npy", kernel)
+    np.save(workdir / f"{case.name}_bias.npy", bias)
+    spec = workdir / f"{case.name}.yaml"
+    spec.write_text(
+        "layer:\n"
+        f"  filters: {case.filters}\n"
+        f"  kernel_size: {case.kernel}\n"
+        f"  strides: {case.stride}\n"
+        f"  padding: {case.padding}\n"
+        "weights:\n"
+        f"  kernel: {case.name}_kernel.npy\n"
+        f"  bias: {case.name}_bias.npy\n"
+        "  layout: keras\n"
+    )
+    return spec, kernel, bias
+
+
+def check_output(
+    path: Path, x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, case: CliCase
+) -> None:
+    """Check the output's shape, and its corners and random voxels against a direct sum.
+
+    Output voxel ``o`` is voxel ``o + crop_left`` of the uncropped transposed
+    convolution, which input voxel ``i`` reaches through kernel tap ``t`` when
+    ``i * stride + t`` equals it.
+    """
+    axes = layer_geometry(
+        x.shape, (case.kernel,) * 3, (case.stride,) * 3, case.padding, None, (1, 1, 1)
+    )
+    expected_shape = tuple(g.output_length for g in axes)
+    if case.filters > 1:
+        expected_shape += (case.filters,)
+    y = np.load(path, mmap_mode="r")
+    if y.shape != expected_shape or y.dtype != np.float32:
+        raise RuntimeError(
+            f"{case.name}: output {y.shape} {y.dtype}, expected {expected_shape} float32"
+        )
+    lengths = [g.output_length for g in axes]
+    corners = list(itertools.product(*[(0, n - 1) for n in lengths]))
+    rng = np.random.default_rng(2)
+    picks = [tuple(int(rng.integers(n)) for n in lengths) for _ in range(64)]
+    for voxel in corners + picks:
+        expected = bias.astype(np.float64)
+        for taps in itertools.product(range(case.kernel), repeat=3):
+            source = []
+            for o, t, g in zip(voxel, taps, axes, strict=True):
+                i, rest = divmod(o + g.crop_left - t, case.stride)
+                if rest or not 0 <= i < x.shape[len(source)]:
+                    break
+                source.append(i)
+            else:
+                expected = expected + float(x[tuple(source)]) * kernel[taps][:, 0]
+        got = np.asarray(y[voxel], dtype=np.float64).reshape(case.filters)
+        if not np.allclose(got, expected, rtol=1e-5, atol=1e-5):
+            raise RuntimeError(f"{case.name}: output at {voxel} is {got}, expected {expected}")
+
+
+def upsample_args(source: str, spec: Path, output: str = "small_out.npy", *extra: str) -> list[str]:
+    """Arguments of a quiet ``conv3dt upsample`` of one file, replacing its output."""
+    return ["upsample", source, "--spec", str(spec), "-o", output, "-q", "--overwrite", *extra]
+
+
+def cli_commands() -> dict[str, list[str]]:
+    """The ways to start the tool: the script beside this interpreter if any, and ``-m``."""
+    commands = {}
+    script = Path(sys.executable).with_name("conv3dt")
+    if script.exists():
+        commands["conv3dt"] = [str(script)]
+    commands["python -m conv3dt"] = [sys.executable, "-m", "conv3dt"]
+    return commands
+
+
+def run_end_to_end(
+    args: argparse.Namespace, workdir: Path, specs: dict[str, tuple[Path, np.ndarray, np.ndarray]]
+) -> None:
+    """Time ``conv3dt upsample`` on a large ``.npy`` volume per case and print the table."""
+    n = args.cli_size
+    x = np.random.default_rng(0).standard_normal((n,) * 3, dtype=np.float32)
+    np.save(workdir / "volume.npy", x)
+    command = [sys.executable, "-m", "conv3dt"]
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    print()
+    print(f"conv3dt upsample end to end: {n}^3 float32 .npy in, float32 .npy out ({workdir})")
+    header = (
+        f"{'id':<3} {'wall s':>7} {'tool s':>7} {'out Mvox/s':>10} {'in Mvox/s':>9} "
+        f"{'peak RSS MiB':>12} {'--json peak MiB':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case in CLI_CASES:
+        spec, kernel, bias = specs[case.name]
+        # Both float32 arrays, the input and the output, have to fit on the disk.
+        needed = 4 * n**3 * (1 + case.filters * case.stride**3)
+        if shutil.disk_usage(workdir).free < needed + 2**30:
+            print(f"{case.name:<3} skipped: needs {needed / 2**30:.1f} GiB free in {workdir}")
+            continue
+        # Compile or load the layer's kernels into the Numba cache before timing.
+        run_child([*command, *upsample_args("small.npy", spec)], workdir)
+        output = workdir / "out.npy"
+        child = run_child(
+            [*command, *upsample_args("volume.npy", spec, "out.npy", "--json", *threads)], workdir
+        )
+        report = json.loads(child.stdout.strip().splitlines()[-1])
+        check_output(output, x, kernel, bias, case)
+        output.unlink()
+        out_voxels = int(np.prod(report["output_shape"][:3]))
+        print(
+            f"{case.name:<3} {child.seconds:>7.2f} {report['seconds']:>7.2f} "
+            f"{out_voxels / child.seconds / 1e6:>10.1f} {n**3 / child.seconds / 1e6:>9.2f} "
+            f"{child.peak_rss / 2**20:>12.0f} {report['peak_memory_bytes'] / 2**20:>15.0f}"
+        )
+        print(f"    {case.describe()}; output {tuple(report['output_shape'])}, checked")
+
+
+def run_startup(workdir: Path, spec: Path) -> None:
+    """Time fresh processes of the tool: ``--help``, and a small run with a warm cache."""
+    print()
+    print(f"start-up: fresh processes, {SMALL_SIZE}^3 .npy through {CLI_CASES[0].describe()}")
+    for label, command in cli_commands().items():
+        help_best = min(run_child([*command, "--help"], workdir).seconds for _ in range(5))
+        small = [*command, *upsample_args("small.npy", spec)]
+        run_child(small, workdir)
+        first_best = min(run_child(small, workdir).seconds for _ in range(3))
+        for what, best, limit in (
+            (f"{label} --help (best of 5)", help_best, HELP_LIMIT),
+            (f"{label} upsample, warm cache (best of 3)", first_best, FIRST_RUN_LIMIT),
+        ):
+            verdict = "PASS" if best < limit else "MISS"
+            print(f"  {what:<52} {best:>6.3f} s  limit {limit:>3g} s  {verdict}")
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    """Run the command-line sections in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="conv3dt-bench-", dir=args.scratch) as name:
+        workdir = Path(name)
+        small = np.random.default_rng(3).standard_normal((SMALL_SIZE,) * 3, dtype=np.float32)
+        np.save(workdir / "small.npy", small)
+        specs = {case.name: write_case(case, workdir) for case in CLI_CASES}
+        run_end_to_end(args, workdir, specs)
+        run_startup(workdir, specs[CLI_CASES[0].name][0])
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the sections the options select."""
+    if not args.cli_only:
+        run_workloads(args)
+    if not args.no_cli:
+        run_cli(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -236,6 +480,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    sections = parser.add_mutually_exclusive_group()
+    sections.add_argument(
+        "--no-cli", action="store_true", help="skip the end-to-end and start-up sections"
+    )
+    sections.add_argument(
+        "--cli-only", action="store_true", help="run only the end-to-end and start-up sections"
+    )
+    parser.add_argument(
+        "--cli-size", type=int, default=256, help="edge of the end-to-end input volume"
+    )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=None,
+        help="directory for the end-to-end files (default: the system's temporary one)",
+    )
     run(parser.parse_args(argv))
 
 
