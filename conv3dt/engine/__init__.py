@@ -30,9 +30,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from conv3dt.engine.epilogue import FUSED_ACTIVATIONS, Epilogue
 from conv3dt.engine.numpy_engine import conv_transpose_region_numpy
 
-__all__ = ["ENGINES", "choose_engine", "conv_transpose_region"]
+__all__ = ["ENGINES", "FUSED_ACTIVATIONS", "choose_engine", "conv_transpose_region"]
 
 ENGINES = ("auto", "gemm", "numba", "numpy")
 
@@ -83,6 +84,8 @@ def conv_transpose_region(
     out_shape: Sequence[int],
     compute_dtype: np.dtype | type = np.float32,
     engine: str = "auto",
+    bias: np.ndarray | None = None,
+    activation: str = "linear",
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) output of a transposed convolution.
 
@@ -103,6 +106,11 @@ def conv_transpose_region(
         Accumulation and result dtype.
     engine : {"auto", "gemm", "numba", "numpy"}
         Force an implementation; "auto" picks one per layer (:func:`choose_engine`).
+    bias : ndarray, shape (filters,), optional
+        Added to the finished sum, in ``compute_dtype``.
+    activation : str
+        One of :data:`FUSED_ACTIVATIONS`, applied after the bias. The ``gemm``
+        and ``numba`` engines do both in the pass that writes the output.
 
     Returns
     -------
@@ -111,7 +119,7 @@ def conv_transpose_region(
     Raises
     ------
     ValueError
-        On an unknown ``engine``.
+        On an unknown ``engine`` or ``activation``.
     """
     if engine not in ENGINES:
         raise ValueError(
@@ -121,6 +129,7 @@ def conv_transpose_region(
     if engine == "auto":
         engine = choose_engine(kernel.shape, strides, dilation)
     dtype = np.dtype(compute_dtype)
+    epilogue = Epilogue(None if bias is None else np.asarray(bias), activation)
     if engine == "gemm":
         from conv3dt.engine.gemm_engine import conv_transpose_region_gemm
 
@@ -131,4 +140,4 @@ def conv_transpose_region(
         run = conv_transpose_region_direct
     else:
         run = conv_transpose_region_numpy
-    return run(x, kernel, strides, dilation, in_origin, out_start, out_shape, dtype)
+    return run(x, kernel, strides, dilation, in_origin, out_start, out_shape, dtype, epilogue)

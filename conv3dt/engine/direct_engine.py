@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from conv3dt.engine import threads
+from conv3dt.engine.epilogue import Epilogue
 from conv3dt.engine.phases import axis_phases
 
 __all__ = ["conv_transpose_region_direct", "is_upsampling"]
@@ -58,10 +59,12 @@ def conv_transpose_region_direct(
     out_start: Sequence[int],
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
+    epilogue: Epilogue,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) output by direct summation with Numba.
 
-    Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`.
+    Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`;
+    ``epilogue`` is applied in the pass that writes the output.
     """
     from conv3dt.engine import numba_kernels as nk
 
@@ -69,6 +72,7 @@ def conv_transpose_region_direct(
     filters = kernel.shape[3]
     out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
     if out.size == 0 or x.size == 0:
+        epilogue.apply(out)
         return out
     strides_a = np.array(strides, dtype=np.int64)
     in_origin_a = np.array(in_origin, dtype=np.int64)
@@ -83,11 +87,23 @@ def conv_transpose_region_direct(
             np.moveaxis(kernel, 4, 2).reshape(k0, k1, -1, k2 * filters), dtype=compute_dtype
         )
         width = k2 * filters
+        # The kernel finishes the voxels it writes; where some voxels of the box
+        # have no input, all are finished afterwards instead.
+        covered = all(
+            o0 >= i0 * s and o0 + n <= (i0 + m) * s
+            for o0, n, i0, m, s in zip(
+                out_start, out_shape, in_origin, x.shape[1:4], strides, strict=True
+            )
+        )
+        fused = epilogue if covered else Epilogue()
+        post = fused.kernel_args(np.dtype(compute_dtype), repeat=k2)
         fixed = nk.UPSAMPLE_FIXED.get(width)
         if fixed is not None:
-            fixed(xt, w, strides_a, in_origin_a, out_start_a, out)
+            fixed(xt, w, strides_a, in_origin_a, out_start_a, *post, out)
         else:
-            nk.upsample_rows(width, xt, w, strides_a, in_origin_a, out_start_a, out)
+            nk.upsample_rows(width, xt, w, strides_a, in_origin_a, out_start_a, *post, out)
+        if not covered:
+            epilogue.apply(out)
         return out
     xc = np.ascontiguousarray(x, dtype=compute_dtype)
     n_taps, taps, offsets = _tap_tables(
@@ -96,5 +112,6 @@ def conv_transpose_region_direct(
         tuple(int(d) for d in dilation),
     )
     w = np.ascontiguousarray(np.moveaxis(kernel, 3, 4), dtype=compute_dtype)
-    nk.direct_region(xc, w, strides_a, in_origin_a, out_start_a, n_taps, taps, offsets, out)
+    post = epilogue.kernel_args(np.dtype(compute_dtype))
+    nk.direct_region(xc, w, strides_a, in_origin_a, out_start_a, n_taps, taps, offsets, *post, out)
     return out

@@ -26,6 +26,7 @@ from functools import lru_cache
 import numpy as np
 
 from conv3dt.engine import threads
+from conv3dt.engine.epilogue import Epilogue
 from conv3dt.engine.phases import AxisGrid, PhaseGroup, axis_grid, axis_phases, phase_groups
 
 __all__ = ["block_rows", "conv_transpose_region_gemm"]
@@ -76,6 +77,13 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(count * dtype.itemsize + _ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % _ALIGN
     return raw[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def _without_input(shape: tuple[int, ...], dtype: np.dtype, epilogue: Epilogue) -> np.ndarray:
+    """The box where no input reaches: zeros, finished."""
+    out = np.zeros(shape, dtype=dtype)
+    epilogue.apply(out)
+    return out
 
 
 @lru_cache(maxsize=64)
@@ -196,11 +204,14 @@ def conv_transpose_region_gemm(
     out_start: Sequence[int],
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
+    epilogue: Epilogue,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) output with BLAS GEMMs per phase group.
 
-    Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`.
+    Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`;
+    ``epilogue`` is applied as the results are scattered into the output.
     """
+
     from conv3dt.engine import numba_kernels as nk
 
     batch = x.shape[0]
@@ -209,7 +220,7 @@ def conv_transpose_region_gemm(
     dilation = tuple(int(d) for d in dilation)
     ksize = tuple(int(k) for k in kernel.shape[:3])
     if x.size == 0:
-        return np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
+        return _without_input((batch, *out_shape, filters), compute_dtype, epilogue)
     grids = []
     for a in range(3):
         grid = axis_grid(
@@ -221,18 +232,20 @@ def conv_transpose_region_gemm(
             int(out_shape[a]),
         )
         if grid is None:
-            return np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
+            return _without_input((batch, *out_shape, filters), compute_dtype, epilogue)
         grids.append(grid)
     groups = [
         (group, table)
         for group in _groups(ksize, strides, dilation)
         if (table := _phase_table(group, grids)) is not None
     ]
-    # Where the phase ranges cover the box, the scatter writes every output voxel.
+    # Where the phase ranges cover the box, the scatter writes (and finishes)
+    # every output voxel; otherwise the epilogue is a pass of its own.
     covered = all(g.covers_box for g in grids)
     out = (np.empty if covered else np.zeros)((batch, *out_shape, filters), dtype=compute_dtype)
     if out.size == 0:
         return out
+    post = (epilogue if covered else Epilogue()).kernel_args(compute_dtype)
     src = np.ascontiguousarray(x, dtype=compute_dtype)
     kc = kernel.astype(compute_dtype, copy=False)
     jobs = [_job(kc, group, table, compute_dtype.itemsize) for group, table in groups]
@@ -287,9 +300,12 @@ def conv_transpose_region_gemm(
                 strides_a,
                 out_start_a,
                 job.phase_table,
+                *post,
                 out,
             )
 
     with threads.single_threaded_blas():
         _on_workers(len(tasks), multiply)
+    if not covered:
+        epilogue.apply(out)
     return out

@@ -20,6 +20,29 @@ __all__ = [
     "upsample_rows",
 ]
 
+# The epilogue's activation codes (conv3dt.engine.epilogue).
+_RELU, _RELU6 = 1, 2
+
+
+@numba.njit(inline="always")
+def _finish(v: float, bias: np.ndarray, index: int, limits: np.ndarray, code: int) -> float:
+    """``v`` plus ``bias[index]`` (when there is a bias), then the activation ``code``.
+
+    NumPy's semantics: ``relu`` is ``np.maximum(v, 0)`` (NaN stays, -0 becomes
+    +0), ``relu6`` is ``np.clip(v, 0, 6)`` (NaN and -0 stay).
+    """
+    if bias.shape[0] > 0:
+        v = v + bias[index]
+    if code == _RELU:
+        if not v > limits[0] and v == v:
+            v = limits[0]
+    elif code == _RELU6:
+        if v < limits[0]:
+            v = limits[0]
+        elif v > limits[1]:
+            v = limits[1]
+    return v
+
 
 @numba.njit(nogil=True, cache=True)
 def gather_rows(
@@ -96,6 +119,9 @@ def scatter_rows(
     strides: np.ndarray,
     out_start: np.ndarray,
     phase_table: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """Sum GEMM results ``g[0] + g[1] + ...`` (in that order) and copy them to the box.
@@ -104,9 +130,11 @@ def scatter_rows(
     :func:`gather_rows`; grid point ``u`` is ``q = q_start + u``. Column block
     ``m`` holds the phase ``phase_table[m, a] = (phase, q_lo, q_hi)`` on each
     axis ``a``; its output ``q * stride + phase`` is written when ``q_lo <= q <
-    q_hi`` on every axis.
+    q_hi`` on every axis. The epilogue ``(bias, limits, code)`` (see
+    :func:`_finish`) is applied to each written voxel.
     """
     parts, rows = g.shape[0], g.shape[1]
+    finish = bias.shape[0] > 0 or code != 0
     filters = out.shape[4]
     n_phases = phase_table.shape[0]
     i = 0
@@ -142,6 +170,9 @@ def scatter_rows(
                 for j in range(1, parts):
                     for f in range(filters):
                         target[f] += g[j, i + k, col + f]
+                if finish:
+                    for f in range(filters):
+                        target[f] = _finish(target[f], bias, f, limits, code)
         i += run
 
 
@@ -155,6 +186,9 @@ def direct_region(
     n_taps: np.ndarray,
     taps: np.ndarray,
     offsets: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """Transposed convolution of a box by direct summation, for few channels.
@@ -163,10 +197,12 @@ def direct_region(
     phase ``p`` has ``n_taps[a, p]`` taps ``taps[a, p, :]`` reading input offsets
     ``offsets[a, p, :]``. ``out`` must be zeroed. Each output value is summed
     over taps in ascending order (depth, height, width), each tap's channels
-    in ascending order first.
+    in ascending order first; then each row of the box gets the epilogue
+    ``(bias, limits, code)`` (see :func:`_finish`).
     """
     batch, len0, len1, len2, filters = out.shape
     n0, n1, n2, channels = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    finish = bias.shape[0] > 0 or code != 0
     s0, s1, s2 = strides[0], strides[1], strides[2]
     for job in numba.prange(batch * len0):
         b = job // len0
@@ -207,6 +243,10 @@ def direct_region(
                                     for c in range(1, channels):
                                         acc += xrow[q2 + r - in_origin[2], c] * w[t0, t1, t2, c, f]
                                     row[first + (q2 - lo) * s2, f] += acc
+            if finish:
+                for l2 in range(len2):
+                    for f in range(filters):
+                        row[l2, f] = _finish(row[l2, f], bias, f, limits, code)
 
 
 @numba.njit(inline="always")
@@ -217,6 +257,9 @@ def _upsample_rows(
     strides: np.ndarray,
     in_origin: np.ndarray,
     out_start: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """Transposed convolution with ``kernel == stride`` and no dilation, few channels.
@@ -225,10 +268,13 @@ def _upsample_rows(
     kernel[p]``. ``x`` is the input box channels-first, ``(batch, C, d, h, w)``;
     ``w`` is the kernel as ``(kd, kh, C, kw * filters)`` and ``width = kw *
     filters``. ``out`` must be zeroed (voxels without input stay zero). Channels
-    are summed in ascending order.
+    are summed in ascending order. Each written voxel gets the epilogue ``(bias,
+    limits, code)`` (see :func:`_finish`; ``bias`` tiled to ``width``), so the
+    caller applies it to any voxel without input.
     """
     batch, len0, len1, len2, filters = out.shape
     channels, n0, n1, n2 = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    finish = bias.shape[0] > 0 or code != 0
     s0, s1, s2 = strides[0], strides[1], strides[2]
     for job in numba.prange(batch * len0):
         b = job // len0
@@ -269,6 +315,8 @@ def _upsample_rows(
                     acc = x[b, 0, i0, i1, q - in_origin[2]] * wrow[0, j]
                     for c in range(1, channels):
                         acc += x[b, c, i0, i1, q - in_origin[2]] * wrow[c, j]
+                    if finish:
+                        acc = _finish(acc, bias, j, limits, code)
                     row[base + j] = acc
                 if end == 0:
                     q_lo += 1
@@ -294,6 +342,10 @@ def _upsample_rows(
                     xv = xrow[k]
                     for j in range(width):
                         block[k * width + j] += xv * wc[j]
+            if finish:
+                for k in range(count):
+                    for j in range(width):
+                        block[k * width + j] = _finish(block[k * width + j], bias, j, limits, code)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -304,10 +356,13 @@ def upsample_rows(
     strides: np.ndarray,
     in_origin: np.ndarray,
     out_start: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """:func:`_upsample_rows` for any ``width``."""
-    _upsample_rows(width, x, w, strides, in_origin, out_start, out)
+    _upsample_rows(width, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
 # The same compiled for one width each: a constant trip count lets LLVM vectorize
@@ -319,10 +374,13 @@ def upsample_rows_2(
     strides: np.ndarray,
     in_origin: np.ndarray,
     out_start: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """:func:`_upsample_rows` for ``width == 2``."""
-    _upsample_rows(2, x, w, strides, in_origin, out_start, out)
+    _upsample_rows(2, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -332,10 +390,13 @@ def upsample_rows_4(
     strides: np.ndarray,
     in_origin: np.ndarray,
     out_start: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """:func:`_upsample_rows` for ``width == 4``."""
-    _upsample_rows(4, x, w, strides, in_origin, out_start, out)
+    _upsample_rows(4, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -345,10 +406,13 @@ def upsample_rows_8(
     strides: np.ndarray,
     in_origin: np.ndarray,
     out_start: np.ndarray,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
     out: np.ndarray,
 ) -> None:
     """:func:`_upsample_rows` for ``width == 8``."""
-    _upsample_rows(8, x, w, strides, in_origin, out_start, out)
+    _upsample_rows(8, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
 UPSAMPLE_FIXED = {2: upsample_rows_2, 4: upsample_rows_4, 8: upsample_rows_8}

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from conv3dt.engine.epilogue import Epilogue
+
 __all__ = ["conv_transpose_region_numpy", "stable_matmul", "tap_slices"]
 
 _ROWS = 256
@@ -66,6 +68,7 @@ def conv_transpose_region_numpy(
     out_start: Sequence[int],
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
+    epilogue: Epilogue | None = None,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) transposed-convolution output.
 
@@ -81,11 +84,29 @@ def conv_transpose_region_numpy(
         The full-output box to compute (absolute full-output indices).
     compute_dtype : numpy dtype
         Accumulation dtype.
+    epilogue : Epilogue, optional
+        Bias and activation, applied after the sum (a separate pass here).
 
     Returns
     -------
     ndarray, shape (batch, *out_shape, filters)
     """
+    out = _sum_taps(x, kernel, strides, dilation, in_origin, out_start, out_shape, compute_dtype)
+    if epilogue is not None:
+        epilogue.apply(out)
+    return out
+
+
+def _sum_taps(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    in_origin: Sequence[int],
+    out_start: Sequence[int],
+    out_shape: Sequence[int],
+    compute_dtype: np.dtype,
+) -> np.ndarray:
     batch = x.shape[0]
     filters = kernel.shape[3]
     out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
