@@ -147,9 +147,8 @@ def conv3d_transpose(
         tuple(g.output_length for g in axes),
         work_dtype,
         engine=engine,
+        bias=None if bias is None else bias.astype(work_dtype, copy=False),
     )
-    if bias is not None:
-        out += bias.astype(work_dtype, copy=False)
     out = out.astype(dtype, copy=False)
     if data_format == "channels_first":
         out = np.ascontiguousarray(np.moveaxis(out, -1, 1))
