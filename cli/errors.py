@@ -6,8 +6,12 @@ import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from conv3dt.plan import MemoryLimitError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -40,15 +44,32 @@ def exit_code_for(error: BaseException) -> int:
 
 
 def message_for(error: BaseException) -> str:
-    """A one-line description of an error."""
+    """A one-line (at most two-line) description of an error."""
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
     if isinstance(error, MemoryError):
         return "out of memory; lower --memory-limit"
+    from conv3dt.plan import MemoryLimitError
+
+    if isinstance(error, MemoryLimitError):
+        return _memory_limit_message(error)
     text = str(error).strip() or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{error.filename}: {text}"
     return text
+
+
+def _memory_limit_message(error: MemoryLimitError) -> str:
+    from conv3dt.plan import format_bytes
+
+    shape = "x".join(map(str, error.min_tile_shape))
+    # Whole MiB, rounded up, so that the value suggested is one that works.
+    suggested = -(-error.minimum // 2**20)
+    return (
+        f"--memory-limit {format_bytes(error.memory_limit)} is too small: the smallest tile "
+        f"({shape} output voxels) needs {format_bytes(error.minimum)} ({error.minimum} bytes), "
+        f"engine work blocks included\n  give --memory-limit {suggested}M or more"
+    )
 
 
 def report(error: BaseException, debug: bool) -> None:

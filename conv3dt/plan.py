@@ -25,10 +25,12 @@ from conv3dt.geometry import AxisGeometry
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ENGINE_WORKSPACE_BYTES",
+    "MemoryLimitError",
     "Plan",
     "Tile",
     "available_memory",
     "default_memory_limit",
+    "format_bytes",
     "parse_memory",
     "plan_tiles",
 ]
@@ -49,6 +51,36 @@ _TAP_BOXES = 1
 ENGINE_WORKSPACE_BYTES = 16 * 2**20
 # Output chunks (HDF5) about this large: h5py's default chunk cache holds one.
 DEFAULT_CHUNK_BYTES = 2**20
+
+
+class MemoryLimitError(ValueError):
+    """A memory budget too small for even the smallest tile the planner makes.
+
+    Attributes
+    ----------
+    memory_limit : int
+        The budget given, in bytes.
+    minimum : int
+        The smallest budget that gives a plan, in bytes: the estimated peak of
+        a run with the smallest tile (see :func:`plan_tiles`).
+    min_tile_shape : three ints
+        That smallest tile's output shape.
+    """
+
+    def __init__(self, memory_limit: int, minimum: int, min_tile_shape: tuple[int, int, int]):
+        self.memory_limit = memory_limit
+        self.minimum = minimum
+        self.min_tile_shape = min_tile_shape
+        super().__init__(
+            f"Argument `memory_limit` is too small for this layer and volume: the smallest "
+            f"tile ({'x'.join(map(str, min_tile_shape))} output voxels) needs "
+            f"{format_bytes(minimum)} ({minimum} bytes), engine work blocks included. "
+            f"Received: memory_limit={memory_limit} ({format_bytes(memory_limit)})"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[int, int, tuple[int, int, int]]]:
+        # Rebuilt from the numbers, not the message (errors cross Dask workers pickled).
+        return type(self), (self.memory_limit, self.minimum, self.min_tile_shape)
 
 
 @dataclass(frozen=True)
@@ -162,6 +194,16 @@ def parse_memory(text: str) -> int:
     if value < 1:
         raise ValueError(f"invalid memory size {text!r}; it must be positive")
     return int(value)
+
+
+def format_bytes(count: int) -> str:
+    """A byte count in the largest binary unit that leaves at least 1 (``16.5 MiB``)."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def available_memory() -> int:
@@ -295,7 +337,9 @@ def plan_tiles(
         Bytes per value of the compute dtype.
     memory_limit : int, optional
         Budget in bytes for everything the run holds besides the interpreter
-        (default :func:`default_memory_limit`).
+        (default :func:`default_memory_limit`). Split tiles are never shorter
+        than one stride block (``stride`` output voxels, the output of one input
+        voxel) on any axis, so the budget must hold at least such a tile.
     split_order : three axis indices
         Axes to split first: the slowest-varying axis of the storage first, so
         that tiles are contiguous slabs on disk (C order: 0 first; NIfTI's
@@ -324,6 +368,10 @@ def plan_tiles(
 
     Raises
     ------
+    MemoryLimitError
+        When the budget cannot hold the smallest tile (one stride block per
+        split axis); the error carries the smallest budget that can. Not raised
+        for a forced ``tile_shape``.
     ValueError
         When ``split_order`` is not a permutation of the three axes.
     """
@@ -354,13 +402,22 @@ def plan_tiles(
             for a, (t, n) in enumerate(zip(tile_shape, out_shape, strict=True))
         ]
     else:
+        # No tile is shorter than one stride block on a split axis: the block is
+        # the output of one input voxel, and shorter tiles would read every input
+        # row several times for a saving that the engine's fixed work blocks dwarf.
+        smallest = [
+            n if a in whole_axes else min(axes[a].stride, n) for a, n in enumerate(out_shape)
+        ]
+        minimum = costs.peak_bytes(axes, smallest)
+        if minimum > limit:
+            raise MemoryLimitError(limit, minimum, tuple(smallest))  # type: ignore[arg-type]
         tile = list(out_shape)
         for axis in order:
             if axis in whole_axes:
                 continue
             if costs.peak_bytes(axes, tile) <= limit:
                 break
-            lo, hi = 1, tile[axis]
+            lo, hi = smallest[axis], tile[axis]
             # Largest length on this axis that fits (the cost grows with it).
             while lo < hi:
                 mid = (lo + hi + 1) // 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conv3dt.geometry import axis_geometry
-from conv3dt.plan import parse_memory, plan_tiles
+from conv3dt.plan import MemoryLimitError, format_bytes, parse_memory, plan_tiles
 
 
 def _axes(n, k, s, padding, op, d):
@@ -62,15 +63,85 @@ def test_budget_shrinks_tiles_along_the_storage_order():
     assert small.tile_shape[1:] == (128, 128) and small.tile_shape[0] < 128
     fortran = plan_tiles(axes, 4, 8, memory_limit=64 * 2**20, split_order=(2, 1, 0))
     assert fortran.tile_shape[:2] == (128, 128) and fortran.tile_shape[2] < 128
-    whole = plan_tiles(axes, 4, 8, memory_limit=16 * 2**20, whole_axes=(2,))
-    assert whole.tile_shape[2] == 128
+    whole = plan_tiles(axes, 4, 8, memory_limit=20 * 2**20, whole_axes=(2,))
+    assert whole.tile_shape[2] == 128 and whole.tile_shape[0] < 128
+    assert whole.peak_bytes <= 20 * 2**20
 
 
-def test_tiny_budget_still_gives_a_plan():
+def test_budget_below_the_smallest_tile_is_refused_with_the_minimum():
+    axes = _axes((5, 6, 7), (3, 2, 3), (2, 3, 1), "valid", None, 1)
+    with pytest.raises(MemoryLimitError) as refused:
+        plan_tiles(axes, 2, 3, memory_limit=1000)
+    error = refused.value
+    assert isinstance(error, ValueError)
+    assert error.memory_limit == 1000
+    # One stride block per axis.
+    assert error.min_tile_shape == (2, 3, 1)
+    assert "memory_limit=1000" in str(error) and f"({error.minimum} bytes)" in str(error)
+    # The minimum reported is exactly the smallest budget that gives a plan.
+    smallest = plan_tiles(axes, 2, 3, memory_limit=error.minimum)
+    assert smallest.tile_shape == (2, 3, 1)
+    assert smallest.peak_bytes == error.minimum
+    with pytest.raises(MemoryLimitError):
+        plan_tiles(axes, 2, 3, memory_limit=error.minimum - 1)
+
+
+def test_smallest_tile_keeps_whole_axes_and_counts_stream_windows():
+    axes = _axes((40, 30, 20), (3, 3, 3), (2, 2, 2), "same", None, 1)
+    with pytest.raises(MemoryLimitError) as plain:
+        plan_tiles(axes, 4, 8, memory_limit=1, whole_axes=(2,))
+    assert plain.value.min_tile_shape == (2, 2, 40)
+    with pytest.raises(MemoryLimitError) as streamed:
+        plan_tiles(axes, 4, 8, memory_limit=1, whole_axes=(2,), stream_in_bytes=16)
+    # A streamed input holds whole planes for the outermost axis's extent.
+    assert streamed.value.minimum > plain.value.minimum
+    assert plan_tiles(
+        axes, 4, 8, memory_limit=streamed.value.minimum, whole_axes=(2,), stream_in_bytes=16
+    ).tile_shape == (2, 2, 40)
+
+
+def test_forced_tile_shape_only_reports_the_budget():
     axes = _axes((5, 5, 5), (2, 2, 2), (2, 2, 2), "valid", None, 1)
-    plan = plan_tiles(axes, 1, 1, memory_limit=1)
-    assert plan.tile_shape == (1, 1, 1)
-    assert len(plan) == 1000
+    plan = plan_tiles(axes, 1, 1, memory_limit=1, tile_shape=(1, 1, 1))
+    assert plan.tile_shape == (1, 1, 1) and len(plan) == 1000
+    assert plan.peak_bytes > plan.memory_limit == 1
+
+
+def test_memory_limit_error_survives_pickling():
+    error = MemoryLimitError(10, 20 * 2**20, (2, 2, 2))
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is MemoryLimitError
+    assert (again.memory_limit, again.minimum, again.min_tile_shape) == (10, 20 * 2**20, (2, 2, 2))
+    assert str(again) == str(error)
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(16 * 2**20 + 2**19) == "16.5 MiB"
+    assert format_bytes(3 * 2**40) == "3.0 TiB"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.tuples(*[st.integers(1, 40)] * 3),
+    k=st.tuples(*[st.integers(1, 5)] * 3),
+    s=st.tuples(*[st.integers(1, 4)] * 3),
+    padding=st.sampled_from(["valid", "same"]),
+    order=st.permutations([0, 1, 2]),
+    extra=st.integers(0, 2**16),
+)
+def test_any_budget_from_the_minimum_up_fits_with_stride_block_tiles(
+    n, k, s, padding, order, extra
+):
+    axes = _axes(n, k, s, padding, None, 1)
+    with pytest.raises(MemoryLimitError) as refused:
+        plan_tiles(axes, 3, 5, memory_limit=1, split_order=order)
+    limit = refused.value.minimum + extra
+    plan = plan_tiles(axes, 3, 5, memory_limit=limit, split_order=order)
+    assert plan.peak_bytes <= limit
+    for tile, g in zip(plan.tile_shape, axes, strict=True):
+        assert tile >= min(g.stride, g.output_length)
 
 
 def test_tiled_equals_untiled_through_the_layer():
