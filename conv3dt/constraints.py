@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from conv3dt.initializers import resolve_identifier, serialize_object
+from conv3dt._serialization import resolve_identifier, serialize_object
 
 __all__ = [
     "Constraint",
