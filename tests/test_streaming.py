@@ -21,7 +21,7 @@ import pytest
 
 from conv3dt import Conv3DTranspose
 from conv3dt.geometry import axis_geometry
-from conv3dt.plan import ENGINE_WORKSPACE_BYTES, plan_tiles
+from conv3dt.plan import ENGINE_WORKSPACE_BYTES, MemoryLimitError, plan_tiles
 from conv3dt.run import prepare, upsample_file
 from conv3dt.spec import LayerSpec
 from conv3dt.volumes import create_volume, open_volume
@@ -104,6 +104,13 @@ def _run(tmp_path, layer, stored, fmt_in, fmt_out, **kwargs):
     _save(src, stored)
     result = upsample_file(LayerSpec(layer, "test"), str(src), str(dst), **kwargs)
     return result, _load(dst)
+
+
+def _smallest_budget(tmp_path, layer, stored, fmt_in, fmt_out) -> int:
+    """The smallest budget the planner accepts: tiles of one stride block per split axis."""
+    with pytest.raises(MemoryLimitError) as refused:
+        _run(tmp_path, layer, stored, fmt_in, fmt_out, memory_limit=1)
+    return refused.value.minimum
 
 
 def _random_case(seed: int) -> dict:
@@ -242,7 +249,8 @@ def test_coupling_activations_keep_the_width_whole(tmp_path, activation):
     assert result.extra["tile_shape"] == [1, 1, width]
     np.testing.assert_array_equal(got, _expected(layer, stored, False, False))
     # The same for a budget-driven plan that must split the other axes.
-    result, got = _run(tmp_path, layer, stored, "npy", "npy", memory_limit=1)
+    limit = _smallest_budget(tmp_path, layer, stored, "npy", "npy")
+    result, got = _run(tmp_path, layer, stored, "npy", "npy", memory_limit=limit)
     assert result.extra["tile_shape"][2] == width and result.tiles > 1
     np.testing.assert_array_equal(got, _expected(layer, stored, False, False))
 
@@ -583,7 +591,8 @@ def test_gzip_streams_when_the_slowest_axis_must_stay_whole(tmp_path):
         activation="softmax",
     )
     stored = rng.standard_normal((5, 4, 6, 2)).astype(np.float32)
-    result, got = _run(tmp_path, layer, stored, "niigz", "niigz", memory_limit=1)
+    limit = _smallest_budget(tmp_path, layer, stored, "niigz", "niigz")
+    result, got = _run(tmp_path, layer, stored, "niigz", "niigz", memory_limit=limit)
     assert result.tiles > 1 and result.extra["tile_shape"][2] == got.shape[2]
     np.testing.assert_array_equal(got, _expected(layer, stored, True, True))
     assert sorted(os.listdir(tmp_path)) == ["in.nii.gz", "out.nii.gz"]
