@@ -34,11 +34,16 @@ from conv3dt.volumes.affine import output_affine
 
 __all__ = [
     "OUTPUT_DTYPES",
+    "FileSetup",
+    "Prepared",
     "RunResult",
     "compute_tile",
     "input_storage",
     "peak_rss_bytes",
     "prepare",
+    "prepare_file",
+    "read_tile_input",
+    "storage_chunks",
     "upsample_file",
 ]
 
@@ -58,6 +63,39 @@ class Prepared:
     plan: Plan
     affine: np.ndarray | None
     output_dtype: np.dtype
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The dtype tiles are handed to the output's writer in.
+
+        Integer outputs (NIfTI int16, uint8) go as float32: their writer picks
+        the scaling from the whole output's range.
+        """
+        return np.dtype(np.float32) if self.output_dtype.kind in "iu" else self.output_dtype
+
+
+@dataclass
+class FileSetup:
+    """What is decided about one input file and its target before the first tile.
+
+    Attributes
+    ----------
+    prepared : Prepared
+        Layouts, tiles, the output's affine and dtype.
+    output_format : str
+        The target's format: as given, else the one its extension names.
+    attrs : dict of str to str
+        Provenance recorded with the output (HDF5 / Zarr attributes, a NIfTI
+        extension): the layer's config, the input's absolute path, conv3dt's version.
+    chunks : tuple of int or None
+        The target's storage chunks in its stored layout, when the tiles are
+        written straight into an HDF5 or Zarr target; else None.
+    """
+
+    prepared: Prepared
+    output_format: str
+    attrs: dict[str, str]
+    chunks: tuple[int, ...] | None
 
 
 @dataclass
@@ -246,6 +284,114 @@ def prepare(
     return Prepared(in_layout, out_layout, plan, affine, out_dtype)
 
 
+def storage_chunks(layout: DiskLayout, spatial: tuple[int, int, int]) -> tuple[int, ...]:
+    """The chunk shape, in ``layout``'s stored axis order, of chunks ``spatial`` (z, y, x) in size.
+
+    A chunk holds one volume of a batch and all its channels, as a tile does,
+    so a tile's box covers whole chunks when the spatial lengths divide it.
+    """
+    return tuple(
+        1 if label == "b" else layout.size(label) if label == "c" else spatial["zyx".index(label)]
+        for label in layout.axes
+    )
+
+
+def prepare_file(
+    spec: LayerSpec,
+    source: VolumeReader,
+    output_path: str,
+    *,
+    output_format: str | None = None,
+    output_dtype: str = "float32",
+    memory_limit: int | None = None,
+    four_d_as_batch: bool = False,
+    tile_shape: tuple[int, int, int] | None = None,
+    scratch: bool = False,
+) -> FileSetup:
+    """Make the per-file decisions for writing ``source`` through the layer to ``output_path``.
+
+    The one place where a file's run is set up, so that a serial run and a
+    cluster's tiles agree: the axes' layout (a NIfTI input or target stores
+    spatial axes first), the tiles (following the input's storage order,
+    chunks and stream), the output's affine (the identity's when a NIfTI
+    target has none to derive it from), dtype, storage chunks and provenance.
+    Draws the spec's weights if it has none (see :meth:`LayerSpec.ensure_built`).
+
+    Parameters
+    ----------
+    spec : LayerSpec
+    source : VolumeReader
+        The open input.
+    output_path : str
+        The target (``-`` for an .npy stream on standard output).
+    output_format : str, optional
+        The target's format; default from ``output_path``'s extension.
+    output_dtype : str
+        One of :data:`OUTPUT_DTYPES`.
+    memory_limit : int, optional
+        The budget for tiles in flight and stream buffers.
+    four_d_as_batch : bool
+        Treat a NIfTI 4th dimension as a batch of single-channel volumes.
+    tile_shape : three ints, optional
+        Force the tile shape.
+    scratch : bool
+        The tiles go to a scratch volume rather than straight into the target
+        (as on a cluster): the target's chunks and stream buffers then shape
+        neither the tiles nor :attr:`FileSetup.chunks`.
+
+    Returns
+    -------
+    FileSetup
+
+    Raises
+    ------
+    VolumeError
+        When ``output_format`` is None and the extension names no format.
+    ValueError
+        (LayoutError, SpecError) when the volume does not fit the layer, or for
+        an unsupported ``output_dtype``.
+    """
+    target_format = output_format or detect_format(output_path)
+    spatial_first = source.format == "nifti"
+    target_is_nifti = target_format == "nifti"
+    affine = source.metadata.affine if source.metadata is not None else None
+    if affine is None and target_is_nifti:
+        affine = np.eye(4)
+    prepared = prepare(
+        spec,
+        tuple(source.shape),
+        spatial_first=spatial_first,
+        four_d_as_batch=four_d_as_batch,
+        input_affine=affine,
+        output_dtype=output_dtype,
+        memory_limit=memory_limit,
+        tile_shape=tile_shape,
+        output_spatial_first=target_is_nifti or spatial_first,
+        output_format=None if scratch else target_format,
+        output_compressed=output_path.lower().endswith(".gz"),
+        **input_storage(source),
+    )
+    chunks = None
+    if prepared.plan.chunks is not None and output_path != "-":
+        chunks = storage_chunks(prepared.out_layout, prepared.plan.chunks)
+    attrs = {
+        "conv3dt_layer": json.dumps(spec.layer.get_config()),
+        "conv3dt_source": os.path.abspath(source.path) if source.path != "-" else "-",
+        "conv3dt_version": __version__,
+    }
+    return FileSetup(prepared, target_format, attrs, chunks)
+
+
+def read_tile_input(
+    source: VolumeReader, layout: DiskLayout, sample: int, tile: Tile
+) -> np.ndarray:
+    """The input box one tile needs, read from disk, in ``(batch, z, y, x, channels)`` order.
+
+    ``layout`` is the input's stored layout and ``sample`` the volume of a batch.
+    """
+    return layout.to_canonical(source.read(layout.box(sample, tile.in_start, tile.in_stop)))
+
+
 def compute_tile(
     layer: Conv3DTranspose,
     axes: tuple[AxisGeometry, ...],
@@ -289,12 +435,6 @@ def compute_tile(
         activated = np.asarray(layer.activation(moved)).astype(moved.dtype, copy=False)
         return np.moveaxis(activated, 1, -1)
     return np.asarray(layer.activation(conv)).astype(conv.dtype, copy=False)
-
-
-def _to_storage(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind in "iu":
-        return array.astype(np.float32, copy=False)
-    return array.astype(dtype, copy=False)
 
 
 def input_storage(reader: VolumeReader) -> dict[str, Any]:
@@ -364,43 +504,19 @@ def upsample_file(
     started = time.perf_counter()
     layer = spec.layer
     with open_volume(input_path, input_format) as source:
-        spatial_first = source.format == "nifti"
-        out_format = output_format or detect_format(output_path)
-        out_is_nifti = out_format == "nifti"
-        affine = source.metadata.affine if source.metadata is not None else None
-        if affine is None and out_is_nifti:
-            affine = np.eye(4)
-        prepared = prepare(
+        setup = prepare_file(
             spec,
-            tuple(source.shape),
-            spatial_first=spatial_first,
-            four_d_as_batch=four_d_as_batch,
-            input_affine=affine,
+            source,
+            output_path,
+            output_format=output_format,
             output_dtype=output_dtype,
             memory_limit=memory_limit,
+            four_d_as_batch=four_d_as_batch,
             tile_shape=tile_shape,
-            output_spatial_first=out_is_nifti or spatial_first,
-            output_format=out_format,
-            output_compressed=output_path.lower().endswith(".gz"),
-            **input_storage(source),
         )
+        prepared = setup.prepared
         plan = prepared.plan
         in_layout, out_layout = prepared.in_layout, prepared.out_layout
-        attrs = {
-            "conv3dt_layer": json.dumps(layer.get_config()),
-            "conv3dt_source": os.path.abspath(input_path) if input_path != "-" else "-",
-            "conv3dt_version": __version__,
-        }
-        chunks = None
-        if plan.chunks is not None and output_path != "-":
-            chunks = tuple(
-                1
-                if label == "b"
-                else out_layout.size(label)
-                if label == "c"
-                else plan.chunks["zyx".index(label)]
-                for label in out_layout.axes
-            )
         writer = create_volume(
             output_path,
             out_layout.shape,
@@ -408,9 +524,9 @@ def upsample_file(
             output_format,
             template=source.metadata,
             affine=prepared.affine,
-            attrs=attrs,
+            attrs=setup.attrs,
             compression=compression,
-            chunks=chunks,
+            chunks=setup.chunks,
         )
         # Stream buffers as large as the plan counted them, so they hold exactly
         # the planes neighbouring tiles share and nothing more.
@@ -426,8 +542,7 @@ def upsample_file(
 
             def read(job: tuple[int, Tile]) -> np.ndarray:
                 sample, tile = job
-                box = in_layout.box(sample, tile.in_start, tile.in_stop)
-                return in_layout.to_canonical(source.read(box))
+                return read_tile_input(source, in_layout, sample, tile)
 
             pending_read: Future | None = pool.submit(read, jobs[0]) if jobs else None
             pending_write: Future | None = None
@@ -438,7 +553,7 @@ def upsample_file(
                 pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
                 y = compute_tile(layer, plan.axes, x, tile, engine=engine)
                 del x
-                stored = out_layout.from_canonical(_to_storage(y, prepared.output_dtype))
+                stored = out_layout.from_canonical(y.astype(prepared.storage_dtype, copy=False))
                 del y
                 if pending_write is not None:
                     pending_write.result()
