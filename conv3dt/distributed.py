@@ -59,12 +59,13 @@ from conv3dt.geometry import AxisGeometry
 from conv3dt.layout import DiskLayout
 from conv3dt.plan import Plan, Tile
 from conv3dt.run import (
-    Prepared,
+    FileSetup,
     RunResult,
     compute_tile,
-    input_storage,
     peak_rss_bytes,
-    prepare,
+    prepare_file,
+    read_tile_input,
+    storage_chunks,
     upsample_file,
 )
 from conv3dt.spec import LayerSpec
@@ -73,7 +74,6 @@ from conv3dt.volumes import (
     VolumeReader,
     VolumeWriteError,
     create_volume,
-    detect_format,
     open_volume,
 )
 from conv3dt.volumes.base import fsync_path, normalize_box, pwrite_all, write_raw_box
@@ -371,38 +371,25 @@ def _file_task(spec: LayerSpec, job: Job, options: _Options) -> RunResult:
         )
 
 
-def _is_nifti_target(path: str, output_format: str | None) -> bool:
-    if output_format is not None:
-        return output_format == "nifti"
-    return path.lower().endswith((".nii", ".nii.gz"))
-
-
-def _prepare_for(
+def _setup(
     spec: LayerSpec,
     source: VolumeReader,
     output: str,
     options: _Options,
     tile_shape: tuple[int, int, int] | None,
-) -> Prepared:
-    # The same decisions upsample_file makes, so tiles land where a serial run puts them.
-    spatial_first = source.format == "nifti"
-    out_is_nifti = _is_nifti_target(output, options.output_format)
-    affine = source.metadata.affine if source.metadata is not None else None
-    if affine is None and out_is_nifti:
-        affine = np.eye(4)
-    return prepare(
+) -> FileSetup:
+    # upsample_file's decisions, so tiles land where a serial run puts them;
+    # they go to a scratch volume, whatever the target's format.
+    return prepare_file(
         spec,
-        tuple(source.shape),
-        spatial_first=spatial_first,
-        four_d_as_batch=options.four_d_as_batch,
-        input_affine=affine,
+        source,
+        output,
+        output_format=options.output_format,
         output_dtype=options.output_dtype,
         memory_limit=options.memory_limit,
+        four_d_as_batch=options.four_d_as_batch,
         tile_shape=tile_shape,
-        output_spatial_first=out_is_nifti or spatial_first,
-        # Tiles follow the input's storage (its order, chunks, stream); the
-        # output side is a scratch volume, whatever the target's format.
-        **input_storage(source),
+        scratch=True,
     )
 
 
@@ -421,15 +408,6 @@ def _finer_tiles(plan: Plan, wanted: int) -> tuple[int, int, int]:
         length = math.ceil(length / stride) * stride
     tile[0] = min(length, tile[0])
     return tuple(tile)  # type: ignore[return-value]
-
-
-def _provenance(spec: LayerSpec, input_path: str) -> dict[str, Any]:
-    # The attributes upsample_file records, so both ways give the same metadata.
-    return {
-        "conv3dt_layer": json.dumps(spec.layer.get_config()),
-        "conv3dt_source": os.path.abspath(input_path),
-        "conv3dt_version": __version__,
-    }
 
 
 @dataclass(frozen=True)
@@ -488,8 +466,7 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
     tile = task.tile
     with set_threads(_engine_threads(context.threads)):
         with open_volume(context.input, context.input_format) as source:
-            box = context.in_layout.box(task.sample, tile.in_start, tile.in_stop)
-            x = context.in_layout.to_canonical(source.read(box))
+            x = read_tile_input(source, context.in_layout, task.sample, tile)
         y = compute_tile(spec.layer, context.axes, x, tile, engine=context.engine)
     stored = context.out_layout.from_canonical(y.astype(context.dtype, copy=False))
     out_box = normalize_box(
@@ -650,14 +627,14 @@ class TiledOutput:
         self.job = job
         self.options = options
         with open_volume(job.input, options.input_format) as source:
-            prepared = _prepare_for(spec, source, job.output, options, options.tile_shape)
-            batch = prepared.in_layout.batch
-            if options.tile_shape is None and len(prepared.plan) * batch < min_tiles:
-                finer = _finer_tiles(prepared.plan, math.ceil(min_tiles / batch))
-                prepared = _prepare_for(spec, source, job.output, options, finer)
+            setup = _setup(spec, source, job.output, options, options.tile_shape)
+            batch = setup.prepared.in_layout.batch
+            if options.tile_shape is None and len(setup.prepared.plan) * batch < min_tiles:
+                finer = _finer_tiles(setup.prepared.plan, math.ceil(min_tiles / batch))
+                setup = _setup(spec, source, job.output, options, finer)
             self.input_shape = tuple(source.shape)
             template_attrs = dict(source.metadata.attrs)
-        self.prepared = prepared
+        self.prepared = prepared = setup.prepared
         if options.tile_shape is None and math.prod(prepared.plan.tile_shape) < _SMALL_TILE_VOXELS:
             log.warning(
                 "%s: the memory limit allows tiles of only %s voxels (%d tasks); raise "
@@ -666,7 +643,7 @@ class TiledOutput:
                 "x".join(map(str, prepared.plan.tile_shape)),
                 len(prepared.plan) * batch,
             )
-        self.format = options.output_format or detect_format(job.output)
+        self.format = setup.output_format
         self.output_dtype = prepared.output_dtype
         if self.format in ("npy", "zarr") and self.output_dtype not in _FLOAT_DTYPES:
             raise VolumeError(
@@ -678,10 +655,7 @@ class TiledOutput:
                 f"`compression` applies to HDF5 only. Received compression="
                 f"{options.compression!r} for {self.format} output"
             )
-        # Integer NIfTI is scaled from floats by its writer, as in a serial run.
-        self.storage_dtype = (
-            np.dtype(np.float32) if self.output_dtype.kind in "iu" else self.output_dtype
-        )
+        self.storage_dtype = prepared.storage_dtype
         self.in_place = self.format in ("npy", "zarr")
         scratch_format = "zarr" if self.format == "zarr" else "npy"
         # A NIfTI target is stored in Fortran order: a scratch in the same order
@@ -698,7 +672,7 @@ class TiledOutput:
                 (sample, tile) for sample in range(batch) for tile in plan
             )
         ]
-        self.attrs = _provenance(spec, job.input)
+        self.attrs = setup.attrs
         self._template_attrs = template_attrs
         self.total_voxels = batch * math.prod(plan.output_shape)
         self.finished: set[int] = set()
@@ -764,18 +738,10 @@ class TiledOutput:
     def _create_scratch(self) -> None:
         shape = self.prepared.out_layout.shape
         if self.context.scratch_format == "zarr":
-            chunks = []
-            for label in self.prepared.out_layout.axes:
-                if label == "b":
-                    chunks.append(1)
-                elif label == "c":
-                    chunks.append(self.prepared.out_layout.channels)
-                else:
-                    chunks.append(self.prepared.plan.tile_shape["zyx".index(label)])
+            # A chunk a tile: no two workers write the same chunk.
+            chunks = storage_chunks(self.prepared.out_layout, self.prepared.plan.tile_shape)
             attrs = zarr_attrs(self._template_attrs, self.prepared.affine, self.attrs)
-            create_zarr_array(
-                self.scratch, shape, self.storage_dtype, chunks=tuple(chunks), attrs=attrs
-            )
+            create_zarr_array(self.scratch, shape, self.storage_dtype, chunks=chunks, attrs=attrs)
             fsync_tree(self.scratch)
             return
         header = self._header
@@ -1011,7 +977,7 @@ class _Batch:
         for job in self.absolute:
             try:
                 with open_volume(job.input, self.options.input_format) as source:
-                    _prepare_for(self.spec, source, job.output, self.options, None)
+                    _setup(self.spec, source, job.output, self.options, None)
                 return
             except ValueError:
                 continue  # this file's own task reports it
