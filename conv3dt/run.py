@@ -23,7 +23,7 @@ import numpy as np
 
 from conv3dt import __version__, interrupt
 from conv3dt.dtypes import numpy_dtype
-from conv3dt.engine import conv_transpose_region
+from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layer import Conv3DTranspose
 from conv3dt.layout import DiskLayout, disk_layout
@@ -408,7 +408,8 @@ def compute_tile(
     assert layer.kernel is not None
     compute = numpy_dtype(layer.compute_dtype)
     work = np.dtype(np.float32) if compute.itemsize < 4 else compute
-    conv = conv_transpose_region(
+    bias = layer.bias if layer.use_bias and layer.bias is not None else None
+    region = (
         x.astype(work, copy=False),
         layer.kernel.astype(work, copy=False),
         layer.strides,
@@ -417,13 +418,23 @@ def compute_tile(
         tuple(a + g.crop_left for a, g in zip(tile.out_start, axes, strict=True)),
         tile.out_shape,
         work,
-        engine=engine,
-    ).astype(compute, copy=False)
+    )
+    fused = _fused_activation(layer) if work == compute else None
+    if fused is not None:
+        # The engine adds the bias and applies the activation as it writes each
+        # voxel: layer.finish's arithmetic without further sweeps over the tile.
+        return conv_transpose_region(
+            *region,
+            engine=engine,
+            bias=None if bias is None else bias.astype(work, copy=False),
+            activation=fused,
+        )
+    conv = conv_transpose_region(*region, engine=engine).astype(compute, copy=False)
     # What layer.finish does (bias, then activation in the compute dtype), with
     # the bias added in place: the same arithmetic without a second
     # output-sized buffer to allocate and fault in for every tile.
-    if layer.use_bias and layer.bias is not None:
-        np.add(conv, layer.bias.astype(conv.dtype), out=conv)
+    if bias is not None:
+        np.add(conv, bias.astype(conv.dtype), out=conv)
     if layer.activation is None:
         return conv
     if layer.data_format == "channels_first":
@@ -435,6 +446,18 @@ def compute_tile(
         activated = np.asarray(layer.activation(moved)).astype(moved.dtype, copy=False)
         return np.moveaxis(activated, 1, -1)
     return np.asarray(layer.activation(conv)).astype(conv.dtype, copy=False)
+
+
+def _fused_activation(layer: Conv3DTranspose) -> str | None:
+    """The name the engines fuse ``layer``'s activation under, or None if they cannot."""
+    from conv3dt import activations
+
+    if layer.activation is None:
+        return "linear"
+    for name in FUSED_ACTIVATIONS:
+        if layer.activation is getattr(activations, name):
+            return name
+    return None
 
 
 def input_storage(reader: VolumeReader) -> dict[str, Any]:

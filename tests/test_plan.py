@@ -155,6 +155,38 @@ def test_tiled_equals_untiled_through_the_layer():
         dict(kernel_size=3, dilation_rate=2, padding="same", activation="tanh"),
         dict(kernel_size=1, strides=3, padding="same", output_padding=2),
         dict(kernel_size=3, strides=2, data_format="channels_first", activation="softmax"),
+        # Bias and activation fused into the engines' writing pass ...
+        dict(
+            kernel_size=2,
+            strides=2,
+            padding="valid",
+            activation="relu",
+            bias_initializer="random_normal",
+        ),
+        dict(
+            kernel_size=3,
+            strides=2,
+            padding="same",
+            activation="relu6",
+            dtype="float64",
+            bias_initializer="random_normal",
+        ),
+        dict(
+            kernel_size=2,
+            strides=2,
+            activation="relu",
+            data_format="channels_first",
+            bias_initializer="random_normal",
+        ),
+        # ... and not, for a float16 layer (its sum is in float32, its finish in float16).
+        dict(
+            kernel_size=3,
+            strides=2,
+            padding="same",
+            activation="relu",
+            dtype="float16",
+            bias_initializer="random_normal",
+        ),
     ]
     for case in cases:
         layer = Conv3DTranspose(3, **case)
