@@ -96,7 +96,7 @@ def conv_transpose_region_direct(
             )
         )
         fused = epilogue if covered else Epilogue()
-        post = fused.kernel_args(np.dtype(compute_dtype), repeat=k2)
+        post = fused.kernel_args(np.dtype(compute_dtype), repeat=int(out_shape[2]))
         fixed = nk.UPSAMPLE_FIXED.get(width)
         if fixed is not None:
             fixed(xt, w, strides_a, in_origin_a, out_start_a, *post, out)
@@ -112,6 +112,6 @@ def conv_transpose_region_direct(
         tuple(int(d) for d in dilation),
     )
     w = np.ascontiguousarray(np.moveaxis(kernel, 3, 4), dtype=compute_dtype)
-    post = epilogue.kernel_args(np.dtype(compute_dtype))
+    post = epilogue.kernel_args(np.dtype(compute_dtype), repeat=int(out_shape[2]))
     nk.direct_region(xc, w, strides_a, in_origin_a, out_start_a, n_taps, taps, offsets, *post, out)
     return out

@@ -33,15 +33,34 @@ def _finish(v: float, bias: np.ndarray, index: int, limits: np.ndarray, code: in
     """
     if bias.shape[0] > 0:
         v = v + bias[index]
+    zero = limits[0]
     if code == _RELU:
-        if not v > limits[0] and v == v:
-            v = limits[0]
+        v = v if (v > zero or v != v) else zero
     elif code == _RELU6:
-        if v < limits[0]:
-            v = limits[0]
-        elif v > limits[1]:
-            v = limits[1]
+        v = zero if v < zero else (limits[1] if v > limits[1] else v)
     return v
+
+
+@numba.njit(inline="always")
+def _finish_run(a: np.ndarray, bias: np.ndarray, limits: np.ndarray, code: int) -> None:
+    """:func:`_finish` on every value of the 1D ``a`` in place, ``bias[i]`` to ``a[i]``.
+
+    One loop per step with the choices made outside it, so that each vectorizes.
+    """
+    n = a.shape[0]
+    zero = limits[0]
+    six = limits[1]
+    if bias.shape[0] > 0:
+        for i in range(n):
+            a[i] = a[i] + bias[i]
+    if code == _RELU:
+        for i in range(n):
+            v = a[i]
+            a[i] = v if (v > zero or v != v) else zero
+    elif code == _RELU6:
+        for i in range(n):
+            v = a[i]
+            a[i] = zero if v < zero else (six if v > six else v)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -171,8 +190,7 @@ def scatter_rows(
                     for f in range(filters):
                         target[f] += g[j, i + k, col + f]
                 if finish:
-                    for f in range(filters):
-                        target[f] = _finish(target[f], bias, f, limits, code)
+                    _finish_run(target, bias, limits, code)
         i += run
 
 
@@ -198,7 +216,8 @@ def direct_region(
     ``offsets[a, p, :]``. ``out`` must be zeroed. Each output value is summed
     over taps in ascending order (depth, height, width), each tap's channels
     in ascending order first; then each row of the box gets the epilogue
-    ``(bias, limits, code)`` (see :func:`_finish`).
+    ``(bias, limits, code)`` (see :func:`_finish`; ``bias`` tiled along the row,
+    one value per row element).
     """
     batch, len0, len1, len2, filters = out.shape
     n0, n1, n2, channels = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
@@ -244,9 +263,7 @@ def direct_region(
                                         acc += xrow[q2 + r - in_origin[2], c] * w[t0, t1, t2, c, f]
                                     row[first + (q2 - lo) * s2, f] += acc
             if finish:
-                for l2 in range(len2):
-                    for f in range(filters):
-                        row[l2, f] = _finish(row[l2, f], bias, f, limits, code)
+                _finish_run(row.reshape(len2 * filters), bias, limits, code)
 
 
 @numba.njit(inline="always")
@@ -269,8 +286,8 @@ def _upsample_rows(
     ``w`` is the kernel as ``(kd, kh, C, kw * filters)`` and ``width = kw *
     filters``. ``out`` must be zeroed (voxels without input stay zero). Channels
     are summed in ascending order. Each written voxel gets the epilogue ``(bias,
-    limits, code)`` (see :func:`_finish`; ``bias`` tiled to ``width``), so the
-    caller applies it to any voxel without input.
+    limits, code)`` (see :func:`_finish`; ``bias`` tiled along an output row, one
+    value per row element), so the caller applies it to any voxel without input.
     """
     batch, len0, len1, len2, filters = out.shape
     channels, n0, n1, n2 = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
@@ -316,7 +333,7 @@ def _upsample_rows(
                     for c in range(1, channels):
                         acc += x[b, c, i0, i1, q - in_origin[2]] * wrow[c, j]
                     if finish:
-                        acc = _finish(acc, bias, j, limits, code)
+                        acc = _finish(acc, bias, base + j, limits, code)
                     row[base + j] = acc
                 if end == 0:
                     q_lo += 1
@@ -343,9 +360,13 @@ def _upsample_rows(
                     for j in range(width):
                         block[k * width + j] += xv * wc[j]
             if finish:
-                for k in range(count):
-                    for j in range(width):
-                        block[k * width + j] = _finish(block[k * width + j], bias, j, limits, code)
+                offset = (q_lo * s2 - out_start[2]) * filters
+                _finish_run(
+                    block[: count * width],
+                    bias[offset : offset + count * width] if bias.shape[0] > 0 else bias,
+                    limits,
+                    code,
+                )
 
 
 @numba.njit(parallel=True, cache=True)
