@@ -25,7 +25,8 @@ End to end
     an 8-filter, kernel 3, strides 2, same one (output 512**3 x 8, 4 GiB on
     disk). Per row: wall seconds of the child process and the seconds its
     ``--json`` line reports, output and input voxels per wall second, the
-    child's peak resident set size (its own ``ru_maxrss`` from ``os.wait4``)
+    child's peak resident set size (its own ``ru_maxrss``, taken by a small
+    launcher process so that this interpreter's memory is not counted)
     and the peak the tool reports in ``--json``. The output's shape is checked,
     and voxels at the corners and at random places are checked against a direct
     sum over the kernel taps; a mismatch stops the benchmark with an error.
@@ -50,7 +51,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -278,27 +278,52 @@ class ChildRun:
     stdout: str
 
 
+# Runs the measured command as its own child and writes that child's peak RSS (KiB)
+# to the file named first. A process started straight from this one would inherit,
+# through exec, the peak of this one's memory at the time it was started.
+_LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def time_child(command: list[str], workdir: Path) -> float:
+    """Wall seconds of ``command`` run in ``workdir``; raise with its stderr if it fails."""
+    start = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, cwd=workdir, check=False)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} exited with {process.returncode}:\n{process.stderr.decode()}"
+        )
+    return seconds
+
+
 def run_child(command: list[str], workdir: Path) -> ChildRun:
     """Run ``command`` in ``workdir`` to its end; raise with its stderr if it fails.
 
-    The peak resident set size is the child's own (``os.wait4``):
-    ``RUSAGE_CHILDREN`` would give the largest over every child waited for so far.
+    The peak resident set size is the command's own, from ``os.wait4`` in a
+    small launcher process: ``RUSAGE_CHILDREN`` would give the largest over
+    every child waited for so far, and a child of this (large) process starts
+    with this process's peak.
     """
     out_path = workdir / "child.out"
     err_path = workdir / "child.err"
+    rss_path = workdir / "child.rss"
+    launched = [sys.executable, "-c", _LAUNCHER, str(rss_path), *command]
     with out_path.open("wb") as out, err_path.open("wb") as err:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=workdir)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.run(launched, stdout=out, stderr=err, cwd=workdir, check=False)
         seconds = time.perf_counter() - start
-    # Tell Popen the child is reaped, or it would try to wait for it again.
-    process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command)} exited with {process.returncode}:\n{err_path.read_text()}"
         )
     # ru_maxrss is in KiB on Linux.
-    return ChildRun(seconds, usage.ru_maxrss * 1024, out_path.read_text())
+    return ChildRun(seconds, int(rss_path.read_text()) * 1024, out_path.read_text())
 
 
 def write_case(case: CliCase, workdir: Path) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -426,10 +451,10 @@ def run_startup(workdir: Path, spec: Path) -> None:
     print()
     print(f"start-up: fresh processes, {SMALL_SIZE}^3 .npy through {CLI_CASES[0].describe()}")
     for label, command in cli_commands().items():
-        help_best = min(run_child([*command, "--help"], workdir).seconds for _ in range(5))
+        help_best = min(time_child([*command, "--help"], workdir) for _ in range(5))
         small = [*command, *upsample_args("small.npy", spec)]
-        run_child(small, workdir)
-        first_best = min(run_child(small, workdir).seconds for _ in range(3))
+        time_child(small, workdir)
+        first_best = min(time_child(small, workdir) for _ in range(3))
         for what, best, limit in (
             (f"{label} --help (best of 5)", help_best, HELP_LIMIT),
             (f"{label} upsample, warm cache (best of 3)", first_best, FIRST_RUN_LIMIT),

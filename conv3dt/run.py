@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,8 +131,22 @@ class RunResult:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """This process's peak resident set size so far, in bytes.
+
+    On Linux the peak of this process's own memory (``VmHWM``): ``ru_maxrss``
+    also keeps the peak of the process that started this one, which carries
+    over through ``exec``. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB on
+    other systems).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _activation_name(layer: Conv3DTranspose) -> str:
@@ -272,7 +287,7 @@ def prepare(
         stream_out_bytes=stream_out,
         chunk_bytes=DEFAULT_CHUNK_BYTES if output_format in _CHUNKED_FORMATS else None,
         out_itemsize=out_dtype.itemsize,
-        activation_boxes=_activation_boxes(activation),
+        activation_boxes=0 if _fused_activation(layer) else _activation_boxes(activation),
     )
     affine = None
     if input_affine is not None:
@@ -419,7 +434,7 @@ def compute_tile(
         tile.out_shape,
         work,
     )
-    fused = _fused_activation(layer) if work == compute else None
+    fused = _fused_activation(layer)
     if fused is not None:
         # The engine adds the bias and applies the activation as it writes each
         # voxel: layer.finish's arithmetic without further sweeps over the tile.
@@ -449,9 +464,15 @@ def compute_tile(
 
 
 def _fused_activation(layer: Conv3DTranspose) -> str | None:
-    """The name the engines fuse ``layer``'s activation under, or None if they cannot."""
+    """The name the engines fuse ``layer``'s activation under, or None if they cannot.
+
+    They cannot for a compute dtype narrower than float32 (the sum is then in
+    float32, and bias and activation in the compute dtype).
+    """
     from conv3dt import activations
 
+    if numpy_dtype(layer.compute_dtype).itemsize < 4:
+        return None
     if layer.activation is None:
         return "linear"
     for name in FUSED_ACTIVATIONS:

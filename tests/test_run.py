@@ -142,3 +142,22 @@ def test_read_tile_input_is_the_tiles_box_of_the_canonical_volume(tmp_path):
                     read_tile_input(source, prepared.in_layout, sample, tile),
                     canonical[(slice(sample, sample + 1), *box)],
                 )
+
+
+def test_peak_rss_is_this_process_own_not_its_parent() -> None:
+    """A child started from a large process reports its own peak, not the parent's."""
+    import subprocess
+    import sys
+
+    from conv3dt.run import peak_rss_bytes
+
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    assert peak_rss_bytes() > ballast.nbytes
+    child = subprocess.run(
+        [sys.executable, "-c", "from conv3dt.run import peak_rss_bytes; print(peak_rss_bytes())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert 0 < int(child.stdout) < 200 * 2**20
+    del ballast
