@@ -615,3 +615,50 @@ def test_relu_and_relu6_follow_numpy_on_nan_and_signed_zeros() -> None:
             total = conv_transpose_region(*args, engine=engine).ravel()
             got = conv_transpose_region(*args, engine=engine, activation=activation).ravel()
             _assert_identical(got, numpy_op(total), f"{activation} {engine}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    activation=st.sampled_from(sorted(FUSED_ACTIVATIONS)),
+    use_bias=st.booleans(),
+)
+def test_out_buffer_holding_garbage_gives_the_same_result(
+    data: st.DataObject, activation: str, use_bias: bool
+) -> None:
+    """Writing into a reused array (full of NaN from before) gives exactly a new array's
+    result, on any box, with or without input reaching all of it."""
+    layer = data.draw(layers())
+    start, shape = data.draw(boxes(layer))
+    x, kernel = _arrays(layer)
+    bias = np.linspace(-1, 1, layer["filters"], dtype=np.float32) if use_bias else None
+    args = (x, kernel, layer["strides"], layer["dilation"], (0, 0, 0), start, shape, np.float32)
+    for engine in ALL_ENGINES:
+        fresh = conv_transpose_region(*args, engine=engine, bias=bias, activation=activation)
+        out = np.full_like(fresh, np.nan)
+        got = conv_transpose_region(*args, engine=engine, bias=bias, activation=activation, out=out)
+        assert got is out
+        _assert_identical(out, fresh, f"engine={engine}")
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (np.zeros((1, 4, 4, 4, 2), np.float32), r"shape=\(1, 4, 4, 4, 1\)"),
+        (np.zeros((1, 4, 4, 4, 1), np.float64), "dtype=float32"),
+        (np.zeros((1, 4, 4, 8, 1), np.float32)[:, :, :, ::2], "C-contiguous"),
+        ([[0.0]], "Received: list"),
+    ],
+)
+def test_out_that_does_not_fit_is_refused(out: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        conv_transpose_region(
+            np.ones((1, 2, 2, 2, 1), np.float32),
+            np.ones((2, 2, 2, 1, 1), np.float32),
+            (2, 2, 2),
+            (1, 1, 1),
+            (0, 0, 0),
+            (0, 0, 0),
+            (4, 4, 4),
+            out=out,
+        )

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from conv3dt.engine.buffers import check_out
 from conv3dt.engine.epilogue import FUSED_ACTIVATIONS, Epilogue
 from conv3dt.engine.numpy_engine import conv_transpose_region_numpy
 
@@ -86,6 +87,7 @@ def conv_transpose_region(
     engine: str = "auto",
     bias: np.ndarray | None = None,
     activation: str = "linear",
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) output of a transposed convolution.
 
@@ -111,6 +113,10 @@ def conv_transpose_region(
     activation : str
         One of :data:`FUSED_ACTIVATIONS`, applied after the bias. The ``gemm``
         and ``numba`` engines do both in the pass that writes the output.
+    out : ndarray, optional
+        A C-contiguous array of the result's shape and dtype to write into
+        (and return) instead of a new one: a caller computing many boxes saves
+        faulting in fresh memory for each.
 
     Returns
     -------
@@ -119,7 +125,7 @@ def conv_transpose_region(
     Raises
     ------
     ValueError
-        On an unknown ``engine`` or ``activation``.
+        On an unknown ``engine`` or ``activation``, or an ``out`` that does not fit.
     """
     if engine not in ENGINES:
         raise ValueError(
@@ -130,6 +136,8 @@ def conv_transpose_region(
         engine = choose_engine(kernel.shape, strides, dilation)
     dtype = np.dtype(compute_dtype)
     epilogue = Epilogue(None if bias is None else np.asarray(bias), activation)
+    if out is not None:
+        check_out(out, (x.shape[0], *out_shape, kernel.shape[3]), dtype)
     if engine == "gemm":
         from conv3dt.engine.gemm_engine import conv_transpose_region_gemm
 
@@ -140,4 +148,4 @@ def conv_transpose_region(
         run = conv_transpose_region_direct
     else:
         run = conv_transpose_region_numpy
-    return run(x, kernel, strides, dilation, in_origin, out_start, out_shape, dtype, epilogue)
+    return run(x, kernel, strides, dilation, in_origin, out_start, out_shape, dtype, epilogue, out)

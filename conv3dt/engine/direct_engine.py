@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from conv3dt.engine import threads
+from conv3dt.engine.buffers import result_array
 from conv3dt.engine.epilogue import Epilogue
 from conv3dt.engine.phases import axis_phases
 
@@ -60,6 +61,7 @@ def conv_transpose_region_direct(
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
     epilogue: Epilogue,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) output by direct summation with Numba.
 
@@ -70,7 +72,16 @@ def conv_transpose_region_direct(
 
     batch = x.shape[0]
     filters = kernel.shape[3]
-    out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
+    shape = (batch, *out_shape, filters)
+    upsampling = is_upsampling(kernel.shape[:3], strides, dilation)
+    # Upsampling writes each voxel once, all of them when input reaches the whole box.
+    covered = upsampling and all(
+        o0 >= i0 * s and o0 + n <= (i0 + m) * s
+        for o0, n, i0, m, s in zip(
+            out_start, out_shape, in_origin, x.shape[1:4], strides, strict=True
+        )
+    )
+    out = result_array(out, shape, compute_dtype, zeroed=not covered)
     if out.size == 0 or x.size == 0:
         epilogue.apply(out)
         return out
@@ -78,7 +89,7 @@ def conv_transpose_region_direct(
     in_origin_a = np.array(in_origin, dtype=np.int64)
     out_start_a = np.array(out_start, dtype=np.int64)
     threads.numba_threads()
-    if is_upsampling(kernel.shape[:3], strides, dilation):
+    if upsampling:
         # Channels first, so that each channel's input row is contiguous; the kernel
         # as (kd, kh, C, kw * F): one contiguous run of output per input voxel.
         xt = np.ascontiguousarray(np.moveaxis(x, 4, 1), dtype=compute_dtype)
@@ -89,12 +100,6 @@ def conv_transpose_region_direct(
         width = k2 * filters
         # The kernel finishes the voxels it writes; where some voxels of the box
         # have no input, all are finished afterwards instead.
-        covered = all(
-            o0 >= i0 * s and o0 + n <= (i0 + m) * s
-            for o0, n, i0, m, s in zip(
-                out_start, out_shape, in_origin, x.shape[1:4], strides, strict=True
-            )
-        )
         fused = epilogue if covered else Epilogue()
         post = fused.kernel_args(np.dtype(compute_dtype), repeat=int(out_shape[2]))
         fixed = nk.UPSAMPLE_FIXED.get(width)

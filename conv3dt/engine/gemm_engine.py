@@ -26,6 +26,7 @@ from functools import lru_cache
 import numpy as np
 
 from conv3dt.engine import threads
+from conv3dt.engine.buffers import result_array
 from conv3dt.engine.epilogue import Epilogue
 from conv3dt.engine.phases import AxisGrid, PhaseGroup, axis_grid, axis_phases, phase_groups
 
@@ -79,9 +80,11 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def _without_input(shape: tuple[int, ...], dtype: np.dtype, epilogue: Epilogue) -> np.ndarray:
+def _without_input(
+    shape: tuple[int, ...], dtype: np.dtype, epilogue: Epilogue, out: np.ndarray | None
+) -> np.ndarray:
     """The box where no input reaches: zeros, finished."""
-    out = np.zeros(shape, dtype=dtype)
+    out = result_array(out, shape, dtype, zeroed=True)
     epilogue.apply(out)
     return out
 
@@ -205,6 +208,7 @@ def conv_transpose_region_gemm(
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
     epilogue: Epilogue,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) output with BLAS GEMMs per phase group.
 
@@ -220,7 +224,7 @@ def conv_transpose_region_gemm(
     dilation = tuple(int(d) for d in dilation)
     ksize = tuple(int(k) for k in kernel.shape[:3])
     if x.size == 0:
-        return _without_input((batch, *out_shape, filters), compute_dtype, epilogue)
+        return _without_input((batch, *out_shape, filters), compute_dtype, epilogue, out)
     grids = []
     for a in range(3):
         grid = axis_grid(
@@ -232,7 +236,7 @@ def conv_transpose_region_gemm(
             int(out_shape[a]),
         )
         if grid is None:
-            return _without_input((batch, *out_shape, filters), compute_dtype, epilogue)
+            return _without_input((batch, *out_shape, filters), compute_dtype, epilogue, out)
         grids.append(grid)
     groups = [
         (group, table)
@@ -242,7 +246,7 @@ def conv_transpose_region_gemm(
     # Where the phase ranges cover the box, the scatter writes (and finishes)
     # every output voxel; otherwise the epilogue is a pass of its own.
     covered = all(g.covers_box for g in grids)
-    out = (np.empty if covered else np.zeros)((batch, *out_shape, filters), dtype=compute_dtype)
+    out = result_array(out, (batch, *out_shape, filters), compute_dtype, zeroed=not covered)
     if out.size == 0:
         return out
     post = (epilogue if covered else Epilogue()).kernel_args(compute_dtype)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from conv3dt.engine.buffers import result_array
 from conv3dt.engine.epilogue import Epilogue
 
 __all__ = ["conv_transpose_region_numpy", "stable_matmul", "tap_slices"]
@@ -69,6 +70,7 @@ def conv_transpose_region_numpy(
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
     epilogue: Epilogue | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Compute a box of the full (uncropped) transposed-convolution output.
 
@@ -86,12 +88,15 @@ def conv_transpose_region_numpy(
         Accumulation dtype.
     epilogue : Epilogue, optional
         Bias and activation, applied after the sum (a separate pass here).
+    out : ndarray, optional
+        The array to write the result into (checked by the caller).
 
     Returns
     -------
     ndarray, shape (batch, *out_shape, filters)
     """
-    out = _sum_taps(x, kernel, strides, dilation, in_origin, out_start, out_shape, compute_dtype)
+    out = result_array(out, (x.shape[0], *out_shape, kernel.shape[3]), compute_dtype, zeroed=True)
+    _sum_taps(x, kernel, strides, dilation, in_origin, out_start, out_shape, compute_dtype, out)
     if epilogue is not None:
         epilogue.apply(out)
     return out
@@ -106,10 +111,10 @@ def _sum_taps(
     out_start: Sequence[int],
     out_shape: Sequence[int],
     compute_dtype: np.dtype,
-) -> np.ndarray:
-    batch = x.shape[0]
+    out: np.ndarray,
+) -> None:
+    """Add every tap's contribution to the zeroed ``out``."""
     filters = kernel.shape[3]
-    out = np.zeros((batch, *out_shape, filters), dtype=compute_dtype)
     xc = x.astype(compute_dtype, copy=False)
     kc = kernel.astype(compute_dtype, copy=False)
     per_axis: list[list[tuple[int, slice, slice]]] = []
@@ -122,7 +127,7 @@ def _sum_taps(
             if sl is not None:
                 found.append((t, *sl))
         if not found:
-            return out
+            return
         per_axis.append(found)
     for t0, s0, d0 in per_axis[0]:
         for t1, s1, d1 in per_axis[1]:
@@ -130,4 +135,3 @@ def _sum_taps(
                 src = xc[:, s0, s1, s2, :]
                 contribution = stable_matmul(src.reshape(-1, src.shape[-1]), kc[t0, t1, t2].T)
                 out[:, d0, d1, d2, :] += contribution.reshape(*src.shape[:-1], filters)
-    return out
