@@ -413,12 +413,14 @@ def compute_tile(
     x: np.ndarray,
     tile: Tile,
     engine: str = "auto",
+    buffers: TileBuffers | None = None,
 ) -> np.ndarray:
     """One tile of ``layer``'s output, ``(batch, z, y, x, filters)``, from its input box.
 
     ``x`` is the input box in ``(batch, z, y, x, channels)`` order and ``axes``
     the volume's geometry. The result equals the same box of
-    ``layer(whole_input)`` exactly.
+    ``layer(whole_input)`` exactly. With ``buffers``, the engine writes into
+    the next of them rather than into a new array.
     """
     assert layer.kernel is not None
     compute = numpy_dtype(layer.compute_dtype)
@@ -435,6 +437,9 @@ def compute_tile(
         work,
     )
     fused = _fused_activation(layer)
+    out = None
+    if buffers is not None:
+        out = buffers.take((x.shape[0], *tile.out_shape, layer.filters), work)
     if fused is not None:
         # The engine adds the bias and applies the activation as it writes each
         # voxel: layer.finish's arithmetic without further sweeps over the tile.
@@ -443,8 +448,9 @@ def compute_tile(
             engine=engine,
             bias=None if bias is None else bias.astype(work, copy=False),
             activation=fused,
+            out=out,
         )
-    conv = conv_transpose_region(*region, engine=engine).astype(compute, copy=False)
+    conv = conv_transpose_region(*region, engine=engine, out=out).astype(compute, copy=False)
     # What layer.finish does (bias, then activation in the compute dtype), with
     # the bias added in place: the same arithmetic without a second
     # output-sized buffer to allocate and fault in for every tile.
@@ -461,6 +467,30 @@ def compute_tile(
         activated = np.asarray(layer.activation(moved)).astype(moved.dtype, copy=False)
         return np.moveaxis(activated, 1, -1)
     return np.asarray(layer.activation(conv)).astype(conv.dtype, copy=False)
+
+
+class TileBuffers:
+    """Output buffers used in turn by consecutive tiles, instead of a new array each.
+
+    A new array's pages are zeroed by the kernel on first touch, which costs as
+    much as computing an upsampling layer's output. With ``count`` buffers, a
+    tile may be in use (being written) until ``count - 1`` more were taken.
+    Each grows to the largest tile asked of it.
+    """
+
+    def __init__(self, count: int = 2) -> None:
+        self._bases: list[np.ndarray | None] = [None] * count
+        self._next = 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The next buffer: a C-contiguous array of ``shape`` and ``dtype``, any contents."""
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        base = self._bases[self._next]
+        if base is None or base.nbytes < size:
+            base = np.empty(size, dtype=np.uint8)
+            self._bases[self._next] = base
+        self._next = (self._next + 1) % len(self._bases)
+        return base[:size].view(dtype).reshape(shape)
 
 
 def _fused_activation(layer: Conv3DTranspose) -> str | None:
@@ -580,6 +610,8 @@ def upsample_file(
             writer.buffer_limit = plan.out_window_bytes
         total = in_layout.batch * int(np.prod(plan.output_shape))
         done = 0
+        # A tile is computed while the one before it is written.
+        buffers = TileBuffers(2)
         with writer, ThreadPoolExecutor(max_workers=2) as pool:
             # The batch outermost: a NIfTI 4th axis is the slowest on disk.
             jobs = [(b, tile) for b in range(in_layout.batch) for tile in plan]
@@ -595,7 +627,7 @@ def upsample_file(
                 assert pending_read is not None
                 x = pending_read.result()
                 pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
-                y = compute_tile(layer, plan.axes, x, tile, engine=engine)
+                y = compute_tile(layer, plan.axes, x, tile, engine=engine, buffers=buffers)
                 del x
                 stored = out_layout.from_canonical(y.astype(prepared.storage_dtype, copy=False))
                 del y

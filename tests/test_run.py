@@ -161,3 +161,17 @@ def test_peak_rss_is_this_process_own_not_its_parent() -> None:
     )
     assert 0 < int(child.stdout) < 200 * 2**20
     del ballast
+
+
+def test_tile_buffers_alternate_and_grow() -> None:
+    from conv3dt.run import TileBuffers
+
+    buffers = TileBuffers(2)
+    first = buffers.take((1, 4, 4, 4, 2), np.dtype(np.float32))
+    second = buffers.take((1, 4, 4, 4, 2), np.dtype(np.float32))
+    assert not np.shares_memory(first, second)
+    third = buffers.take((1, 2, 4, 4, 2), np.dtype(np.float32))  # a smaller edge tile
+    assert np.shares_memory(third, first) and third.flags.c_contiguous
+    assert third.shape == (1, 2, 4, 4, 2) and third.dtype == np.float32
+    bigger = buffers.take((1, 8, 4, 4, 2), np.dtype(np.float64))  # outgrows the second
+    assert bigger.nbytes == 8 * 4 * 4 * 2 * 8 and not np.shares_memory(bigger, second)
