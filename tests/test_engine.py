@@ -325,13 +325,18 @@ def test_auto_picks_by_layer() -> None:
     assert choose_engine((2, 2, 2, 1, 1), (2, 2, 2), (1, 1, 1)) == "numba"
     assert choose_engine((2, 2, 2, 64, 3), (2, 2, 2), (1, 1, 1)) == "numba"
     assert choose_engine((2, 2, 2, 32, 64), (2, 2, 2), (1, 1, 1)) == "gemm"
-    # Other layers: direct sums only for a handful of channels.
-    assert choose_engine((3, 3, 3, 1, 2), (1, 1, 1), (2, 2, 2)) == "numba"
-    assert choose_engine((3, 3, 3, 1, 4), (2, 2, 2), (1, 1, 1)) == "numba"
-    assert choose_engine((3, 3, 3, 2, 2), (1, 1, 1), (2, 2, 2)) == "gemm"
+    # Other layers: direct sums for few channel pairs, the fewer the more taps
+    # each output voxel receives.
+    assert choose_engine((3, 3, 3, 8, 8), (2, 2, 2), (1, 1, 1)) == "numba"  # 3.4 taps
+    assert choose_engine((3, 3, 3, 16, 8), (2, 2, 2), (1, 1, 1)) == "gemm"
+    assert choose_engine((3, 3, 3, 4, 4), (1, 1, 1), (2, 2, 2)) == "numba"  # 27 taps
+    assert choose_engine((3, 3, 3, 8, 4), (1, 1, 1), (1, 1, 1)) == "gemm"
+    assert choose_engine((4, 4, 4, 1, 8), (2, 2, 2), (1, 1, 1)) == "numba"  # 8 taps
+    assert choose_engine((4, 4, 4, 4, 1), (2, 2, 2), (1, 1, 1)) == "gemm"
     assert choose_engine((3, 3, 3, 32, 32), (1, 1, 1), (1, 1, 1)) == "gemm"
     # Dilation breaks kernel == stride's one tap per voxel.
-    assert choose_engine((2, 2, 2, 4, 3), (2, 2, 2), (3, 3, 3)) == "gemm"
+    assert choose_engine((2, 2, 2, 32, 4), (2, 2, 2), (1, 1, 1)) == "numba"
+    assert choose_engine((2, 2, 2, 32, 4), (2, 2, 2), (3, 3, 3)) == "gemm"
 
 
 def test_auto_runs_the_engine_it_chooses() -> None:

@@ -41,10 +41,17 @@ ENGINES = ("auto", "gemm", "numba", "numpy")
 # Up to this many input channels an upsampling layer (kernel == stride) is
 # bound by writing its output, and the fused Numba pass beats a GEMM.
 _UPSAMPLE_DIRECT_CHANNELS = 4
-# Other layers: the Numba pass does taps * channels * filters scalar
-# multiply-adds per output voxel, which beats a GEMM only for a handful.
-_DIRECT_CHANNEL_PAIRS = 2
-_DIRECT_CHANNELS_ONE_FILTER = 4
+# Other layers: the Numba pass does taps * channels * filters multiply-adds per
+# output voxel, vectorized along rows; a GEMM does the same work faster once
+# there are enough channel pairs to fill its blocks, and sooner the more taps
+# each output voxel receives (kernel voxels / stride voxels). Measured on 64**3
+# inputs on the benchmark's machine (benchmarks/bench_engine.py): Numba is
+# faster up to these many channels * filters ...
+_FEW_TAPS, _FEW_TAPS_PAIRS = 4.0, 64  # ... with at most 4 taps per output (k3 s2)
+_MANY_TAPS, _MANY_TAPS_PAIRS = 16.0, 16  # ... with 16 or more (k3 s1)
+# In between (k4 s2), the phases' GEMMs are efficient already for few channels.
+_BETWEEN_PAIRS = 2
+_BETWEEN_CHANNELS_ONE_FILTER = 8
 
 
 def choose_engine(
@@ -68,11 +75,17 @@ def choose_engine(
     filters, channels = int(kernel_shape[3]), int(kernel_shape[4])
     if is_upsampling(kernel_shape[:3], strides, dilation):
         return "numba" if channels <= _UPSAMPLE_DIRECT_CHANNELS else "gemm"
-    if channels * filters <= _DIRECT_CHANNEL_PAIRS:
-        return "numba"
-    if filters == 1 and channels <= _DIRECT_CHANNELS_ONE_FILTER:
-        return "numba"
-    return "gemm"
+    taps = float(np.prod([k / s for k, s in zip(kernel_shape[:3], strides, strict=True)]))
+    pairs = channels * filters
+    if taps <= _FEW_TAPS:
+        direct = pairs <= _FEW_TAPS_PAIRS
+    elif taps >= _MANY_TAPS:
+        direct = pairs <= _MANY_TAPS_PAIRS
+    else:
+        direct = pairs <= _BETWEEN_PAIRS or (
+            filters == 1 and channels <= _BETWEEN_CHANNELS_ONE_FILTER
+        )
+    return "numba" if direct else "gemm"
 
 
 def conv_transpose_region(

@@ -74,14 +74,15 @@ def conv_transpose_region_direct(
     filters = kernel.shape[3]
     shape = (batch, *out_shape, filters)
     upsampling = is_upsampling(kernel.shape[:3], strides, dilation)
-    # Upsampling writes each voxel once, all of them when input reaches the whole box.
-    covered = upsampling and all(
+    # Upsampling writes each voxel that input reaches, all of them when it reaches the
+    # whole box; the general kernel writes every voxel.
+    covered = not upsampling or all(
         o0 >= i0 * s and o0 + n <= (i0 + m) * s
         for o0, n, i0, m, s in zip(
             out_start, out_shape, in_origin, x.shape[1:4], strides, strict=True
         )
     )
-    out = result_array(out, shape, compute_dtype, zeroed=not covered)
+    out = result_array(out, shape, compute_dtype, zeroed=x.size == 0 or not covered)
     if out.size == 0 or x.size == 0:
         epilogue.apply(out)
         return out
@@ -110,7 +111,7 @@ def conv_transpose_region_direct(
         if not covered:
             epilogue.apply(out)
         return out
-    xc = np.ascontiguousarray(x, dtype=compute_dtype)
+    xt = np.ascontiguousarray(np.moveaxis(x, 4, 1), dtype=compute_dtype)
     n_taps, taps, offsets = _tap_tables(
         tuple(int(k) for k in kernel.shape[:3]),
         tuple(int(s) for s in strides),
@@ -118,5 +119,5 @@ def conv_transpose_region_direct(
     )
     w = np.ascontiguousarray(np.moveaxis(kernel, 3, 4), dtype=compute_dtype)
     post = epilogue.kernel_args(np.dtype(compute_dtype), repeat=int(out_shape[2]))
-    nk.direct_region(xc, w, strides_a, in_origin_a, out_start_a, n_taps, taps, offsets, *post, out)
+    nk.direct_region(xt, w, strides_a, in_origin_a, out_start_a, n_taps, taps, offsets, *post, out)
     return out

@@ -211,57 +211,88 @@ def direct_region(
 ) -> None:
     """Transposed convolution of a box by direct summation, for few channels.
 
-    ``w`` is the kernel as ``(kd, kh, kw, in_channels, filters)``. Axis ``a``'s
-    phase ``p`` has ``n_taps[a, p]`` taps ``taps[a, p, :]`` reading input offsets
-    ``offsets[a, p, :]``. ``out`` must be zeroed. Each output value is summed
-    over taps in ascending order (depth, height, width), each tap's channels
-    in ascending order first; then each row of the box gets the epilogue
-    ``(bias, limits, code)`` (see :func:`_finish`; ``bias`` tiled along the row,
-    one value per row element).
+    ``x`` is the input box channels-first, ``(batch, C, d, h, w)``; ``w`` the
+    kernel as ``(kd, kh, kw, in_channels, filters)``. Axis ``a``'s phase ``p``
+    has ``n_taps[a, p]`` taps ``taps[a, p, :]`` reading input offsets
+    ``offsets[a, p, :]``. Every voxel of ``out`` is written. Each output value
+    is summed over taps in ascending order (depth, height, width), each tap's
+    channels in ascending order first; then each row of the box gets the
+    epilogue ``(bias, limits, code)`` (see :func:`_finish`; ``bias`` tiled along
+    the row, one value per row element).
+
+    Along a row, the outputs of one phase ``p2`` are ``q2 * s2 + p2`` for
+    consecutive ``q2``, and each tap reads consecutive input voxels for them:
+    the sums run over contiguous runs of ``q2`` (vectorized), and each phase's
+    results are then copied into its places in the row.
     """
     batch, len0, len1, len2, filters = out.shape
-    n0, n1, n2, channels = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
-    finish = bias.shape[0] > 0 or code != 0
+    channels, n0, n1, n2 = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     s0, s1, s2 = strides[0], strides[1], strides[2]
+    finish = bias.shape[0] > 0 or code != 0
+    span = len2 // s2 + 1
     for job in numba.prange(batch * len0):
         b = job // len0
         l0 = job % len0
         o0 = out_start[0] + l0
         p0 = o0 % s0
         q0 = o0 // s0
+        sums = np.empty((filters, span), dtype=out.dtype)
+        tap_sum = np.empty(span, dtype=out.dtype)
         for l1 in range(len1):
             o1 = out_start[1] + l1
             p1 = o1 % s1
             q1 = o1 // s1
             row = out[b, l0, l1]
-            for m0 in range(n_taps[0, p0]):
-                i0 = q0 + offsets[0, p0, m0] - in_origin[0]
-                if i0 < 0 or i0 >= n0:
+            for p2 in range(s2):
+                # The row's outputs of this phase: q2 in [q_lo, q_hi).
+                q_lo = -((p2 - out_start[2]) // s2)
+                q_hi = -((p2 - out_start[2] - len2) // s2)
+                count = q_hi - q_lo
+                if count <= 0:
                     continue
-                t0 = taps[0, p0, m0]
-                for m1 in range(n_taps[1, p1]):
-                    i1 = q1 + offsets[1, p1, m1] - in_origin[1]
-                    if i1 < 0 or i1 >= n1:
+                sums[:, :count] = 0
+                for m0 in range(n_taps[0, p0]):
+                    i0 = q0 + offsets[0, p0, m0] - in_origin[0]
+                    if i0 < 0 or i0 >= n0:
                         continue
-                    t1 = taps[1, p1, m1]
-                    xrow = x[b, i0, i1]
-                    for p2 in range(s2):
-                        # Output positions l2 = q2 * s2 + p2 - out_start[2] inside the box.
-                        q_lo = -((p2 - out_start[2]) // s2)
-                        q_hi = -((p2 - out_start[2] - len2) // s2)
+                    t0 = taps[0, p0, m0]
+                    for m1 in range(n_taps[1, p1]):
+                        i1 = q1 + offsets[1, p1, m1] - in_origin[1]
+                        if i1 < 0 or i1 >= n1:
+                            continue
+                        t1 = taps[1, p1, m1]
                         for m2 in range(n_taps[2, p2]):
                             r = offsets[2, p2, m2]
                             t2 = taps[2, p2, m2]
                             # ... whose input q2 + r lies inside the input box.
                             lo = max(q_lo, in_origin[2] - r)
                             hi = min(q_hi, in_origin[2] + n2 - r)
-                            first = lo * s2 + p2 - out_start[2]
+                            if hi <= lo:
+                                continue
+                            first = lo + r - in_origin[2]
+                            at = lo - q_lo
+                            n = hi - lo
                             for f in range(filters):
-                                for q2 in range(lo, hi):
-                                    acc = xrow[q2 + r - in_origin[2], 0] * w[t0, t1, t2, 0, f]
-                                    for c in range(1, channels):
-                                        acc += xrow[q2 + r - in_origin[2], c] * w[t0, t1, t2, c, f]
-                                    row[first + (q2 - lo) * s2, f] += acc
+                                target = sums[f, at : at + n]
+                                xrow = x[b, 0, i0, i1, first : first + n]
+                                weight = w[t0, t1, t2, 0, f]
+                                if channels == 1:
+                                    for k in range(n):
+                                        target[k] += xrow[k] * weight
+                                    continue
+                                for k in range(n):
+                                    tap_sum[k] = xrow[k] * weight
+                                for c in range(1, channels):
+                                    xrow = x[b, c, i0, i1, first : first + n]
+                                    weight = w[t0, t1, t2, c, f]
+                                    for k in range(n):
+                                        tap_sum[k] += xrow[k] * weight
+                                for k in range(n):
+                                    target[k] += tap_sum[k]
+                l2 = q_lo * s2 + p2 - out_start[2]
+                for k in range(count):
+                    for f in range(filters):
+                        row[l2 + k * s2, f] = sums[f, k]
             if finish:
                 _finish_run(row.reshape(len2 * filters), bias, limits, code)
 
