@@ -1,11 +1,13 @@
-"""Benchmark conv3dt's engines on six reference workloads, against PyTorch when installed.
+"""Benchmark conv3dt's engines on reference workloads, against PyTorch when installed.
 
 Each workload is a Keras ``Conv3DTranspose`` applied to a channels-last float32
-input. Every conv3dt engine (and ``auto``) computes the Keras output box with
-:func:`conv3dt.engine.conv_transpose_region`; PyTorch, when importable, runs
-``torch.nn.functional.conv_transpose3d`` on the same data channels-first with
-zero padding, and its full output is cropped to Keras's window with the crops of
-:func:`conv3dt.ops.layer_geometry` (a view: the crop costs nothing).
+input: W1-W6 with the speed-up over PyTorch each should reach, and F1-F4,
+single- and few-channel volumes. Every conv3dt engine (and ``auto``) computes
+the Keras output box with :func:`conv3dt.engine.conv_transpose_region`;
+PyTorch, when importable, runs ``torch.nn.functional.conv_transpose3d`` on the
+same data channels-first with zero padding, and its full output is cropped to
+Keras's window with the crops of :func:`conv3dt.ops.layer_geometry` (a view:
+the crop costs nothing).
 
 The table gives, per workload and engine: the median time of several runs
 after a warm-up (so Numba compilation is not counted; the cases take turns in
@@ -86,7 +88,7 @@ class Workload:
     stride: int
     padding: str
     dilation: int
-    goal: float
+    goal: float | None
 
     @property
     def flops(self) -> int:
@@ -109,6 +111,11 @@ WORKLOADS = [
     Workload("W4", 4, 32, 64, 32, 4, 2, "same", 1, 1.5),
     Workload("W5", 1, 64, 64, 32, 2, 2, "valid", 1, 5.0),
     Workload("W6", 1, 48, 16, 16, 3, 1, "same", 2, 1.0),
+    # Single- and few-channel volumes, as from microscopes and scanners.
+    Workload("F1", 1, 128, 1, 1, 3, 2, "same", 1, None),
+    Workload("F2", 1, 128, 1, 8, 3, 2, "same", 1, None),
+    Workload("F3", 1, 128, 2, 2, 4, 2, "same", 1, None),
+    Workload("F4", 1, 128, 1, 4, 3, 1, "same", 1, None),
 ]
 
 
@@ -264,7 +271,8 @@ def run_workloads(args: argparse.Namespace) -> None:
                 f"{w.name:<3} {label:<11} {t:>9.4f} {gflops:>8.1f} "
                 f"{100 * gflops / rate:>8.0f}% {speedup:>9} {diff:>12}"
             )
-        print(f"    {w.describe()}; goal: {w.goal:g}x PyTorch")
+        goal = f"goal: {w.goal:g}x PyTorch" if w.goal else "few channels, no stated goal"
+        print(f"    {w.describe()}; {goal}")
 
 
 HELP_LIMIT = 0.5  # seconds for ``conv3dt --help``

@@ -332,7 +332,7 @@ def test_auto_picks_by_layer() -> None:
     assert choose_engine((3, 3, 3, 4, 4), (1, 1, 1), (2, 2, 2)) == "numba"  # 27 taps
     assert choose_engine((3, 3, 3, 8, 4), (1, 1, 1), (1, 1, 1)) == "gemm"
     assert choose_engine((4, 4, 4, 1, 8), (2, 2, 2), (1, 1, 1)) == "numba"  # 8 taps
-    assert choose_engine((4, 4, 4, 4, 1), (2, 2, 2), (1, 1, 1)) == "gemm"
+    assert choose_engine((4, 4, 4, 4, 4), (2, 2, 2), (1, 1, 1)) == "gemm"
     assert choose_engine((3, 3, 3, 32, 32), (1, 1, 1), (1, 1, 1)) == "gemm"
     # Dilation breaks kernel == stride's one tap per voxel.
     assert choose_engine((2, 2, 2, 32, 4), (2, 2, 2), (1, 1, 1)) == "numba"

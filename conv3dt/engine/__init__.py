@@ -43,15 +43,15 @@ ENGINES = ("auto", "gemm", "numba", "numpy")
 _UPSAMPLE_DIRECT_CHANNELS = 4
 # Other layers: the Numba pass does taps * channels * filters multiply-adds per
 # output voxel, vectorized along rows; a GEMM does the same work faster once
-# there are enough channel pairs to fill its blocks, and sooner the more taps
-# each output voxel receives (kernel voxels / stride voxels). Measured on 64**3
-# inputs on the benchmark's machine (benchmarks/bench_engine.py): Numba is
-# faster up to these many channels * filters ...
-_FEW_TAPS, _FEW_TAPS_PAIRS = 4.0, 64  # ... with at most 4 taps per output (k3 s2)
-_MANY_TAPS, _MANY_TAPS_PAIRS = 16.0, 16  # ... with 16 or more (k3 s1)
-# In between (k4 s2), the phases' GEMMs are efficient already for few channels.
-_BETWEEN_PAIRS = 2
-_BETWEEN_CHANNELS_ONE_FILTER = 8
+# there are enough channel pairs to fill its blocks. How many depends on the
+# taps each output voxel receives (kernel voxels / stride voxels). Measured on
+# 64**3 and 96**3 inputs on the benchmark's machine (benchmarks/): Numba is the
+# faster up to these many channels * filters, for a number of taps up to ...
+_DIRECT_PAIRS = (
+    (4.0, 64),  # ... 4 (k3 s2)
+    (15.0, 8),  # ... 15 (k4 s2: its phases' GEMMs are efficient early)
+    (float("inf"), 16),  # ... any (k3 s1)
+)
 
 
 def choose_engine(
@@ -76,16 +76,8 @@ def choose_engine(
     if is_upsampling(kernel_shape[:3], strides, dilation):
         return "numba" if channels <= _UPSAMPLE_DIRECT_CHANNELS else "gemm"
     taps = float(np.prod([k / s for k, s in zip(kernel_shape[:3], strides, strict=True)]))
-    pairs = channels * filters
-    if taps <= _FEW_TAPS:
-        direct = pairs <= _FEW_TAPS_PAIRS
-    elif taps >= _MANY_TAPS:
-        direct = pairs <= _MANY_TAPS_PAIRS
-    else:
-        direct = pairs <= _BETWEEN_PAIRS or (
-            filters == 1 and channels <= _BETWEEN_CHANNELS_ONE_FILTER
-        )
-    return "numba" if direct else "gemm"
+    most = next(pairs for most_taps, pairs in _DIRECT_PAIRS if taps <= most_taps)
+    return "numba" if channels * filters <= most else "gemm"
 
 
 def conv_transpose_region(
