@@ -54,6 +54,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import shutil
@@ -219,39 +220,12 @@ def run_workloads(args: argparse.Namespace) -> None:
                 return full[(slice(None), slice(None), *window)]
 
             calls["torch"] = torch_call
+        args_ = (x, kernel, (w.stride,) * 3, (w.dilation,) * 3, (0, 0, 0), crop, shape, np.float32)
         for engine in args.engines:
-
-            def call(engine=engine, x=x, kernel=kernel, w=w, crop=crop, shape=shape) -> np.ndarray:
-                return conv_transpose_region(
-                    x,
-                    kernel,
-                    (w.stride,) * 3,
-                    (w.dilation,) * 3,
-                    (0, 0, 0),
-                    crop,
-                    shape,
-                    np.float32,
-                    engine=engine,
-                )
-
-            calls[engine] = call
+            calls[engine] = functools.partial(conv_transpose_region, *args_, engine=engine)
         if args.reuse_out:
             buffer = np.empty((w.batch, *shape, w.filters), dtype=np.float32)
-
-            def into_buffer(x=x, kernel=kernel, w=w, crop=crop, shape=shape, buffer=buffer):
-                return conv_transpose_region(
-                    x,
-                    kernel,
-                    (w.stride,) * 3,
-                    (w.dilation,) * 3,
-                    (0, 0, 0),
-                    crop,
-                    shape,
-                    np.float32,
-                    out=buffer,
-                )
-
-            calls[REUSED] = into_buffer
+            calls[REUSED] = functools.partial(conv_transpose_region, *args_, out=buffer)
         diffs = {}
         if torch is not None:
             reference = np.moveaxis(calls["torch"]().numpy(), 1, -1)

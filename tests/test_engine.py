@@ -229,21 +229,17 @@ SPECIAL = [
 ]
 
 
-@pytest.mark.parametrize("engine", ALL_ENGINES)
-@pytest.mark.parametrize(
-    ("kernel_size", "strides", "dilation", "channels", "filters", "spatial"), SPECIAL
-)
-def test_special_paths(
-    engine: str,
+def _special_case(
     kernel_size: tuple,
     strides: tuple,
     dilation: tuple,
     channels: int,
     filters: int,
     spatial: tuple,
-) -> None:
-    """Larger volumes than the property tests draw: values, and tiles cut at odd places
-    (inside a phase, on one voxel, past the end) that equal the untiled result."""
+    batch: int,
+    seed: int,
+) -> tuple[dict, np.ndarray, np.ndarray, tuple[AxisGeometry, ...]]:
+    """A SPECIAL row as a layer dict, its input and kernel, and its "same" geometry."""
     layer = {
         "kernel_size": kernel_size,
         "strides": strides,
@@ -251,11 +247,20 @@ def test_special_paths(
         "spatial": spatial,
         "channels": channels,
         "filters": filters,
-        "batch": 2,
-        "seed": 7,
+        "batch": batch,
+        "seed": seed,
     }
     x, kernel = _arrays(layer)
     axes = layer_geometry(spatial, kernel_size, strides, "same", None, dilation)
+    return layer, x, kernel, axes
+
+
+@pytest.mark.parametrize("engine", ALL_ENGINES)
+@pytest.mark.parametrize("case", SPECIAL)
+def test_special_paths(engine: str, case: tuple) -> None:
+    """Larger volumes than the property tests draw: values, and tiles cut at odd places
+    (inside a phase, on one voxel, past the end) that equal the untiled result."""
+    layer, x, kernel, axes = _special_case(*case, batch=2, seed=7)
     crop = tuple(g.crop_left for g in axes)
     out_shape = tuple(g.output_length for g in axes)
     whole = _run(layer, x, kernel, (0, 0, 0), crop, out_shape, engine, np.float32)
@@ -536,33 +541,12 @@ def test_fused_epilogue_equals_the_separate_pass(
 
 
 @pytest.mark.parametrize("engine", ALL_ENGINES)
-@pytest.mark.parametrize(
-    ("kernel_size", "strides", "dilation", "channels", "filters", "spatial"), SPECIAL
-)
-def test_special_paths_fuse_bias_and_activation(
-    engine: str,
-    kernel_size: tuple,
-    strides: tuple,
-    dilation: tuple,
-    channels: int,
-    filters: int,
-    spatial: tuple,
-) -> None:
+@pytest.mark.parametrize("case", SPECIAL)
+def test_special_paths_fuse_bias_and_activation(engine: str, case: tuple) -> None:
     """The fast paths' fused epilogue (the upsampling widths, the GEMM scatter) on the
     whole output and on tiles, against the sum finished by NumPy."""
-    layer = {
-        "kernel_size": kernel_size,
-        "strides": strides,
-        "dilation": dilation,
-        "spatial": spatial,
-        "channels": channels,
-        "filters": filters,
-        "batch": 1,
-        "seed": 11,
-    }
-    x, kernel = _arrays(layer)
-    bias = np.linspace(-1.5, 7.5, filters, dtype=np.float32)
-    axes = layer_geometry(spatial, kernel_size, strides, "same", None, dilation)
+    layer, x, kernel, axes = _special_case(*case, batch=1, seed=11)
+    bias = np.linspace(-1.5, 7.5, layer["filters"], dtype=np.float32)
     crop = tuple(g.crop_left for g in axes)
     out_shape = tuple(g.output_length for g in axes)
     for activation in ("relu", "relu6"):
@@ -576,8 +560,8 @@ def test_special_paths_fuse_bias_and_activation(
             got = conv_transpose_region(
                 x[:, slice(*rng[0]), slice(*rng[1]), slice(*rng[2])],
                 kernel,
-                strides,
-                dilation,
+                layer["strides"],
+                layer["dilation"],
                 tuple(r[0] for r in rng),
                 tuple(a + c for a, c in zip(lo, crop, strict=True)),
                 size,
