@@ -97,8 +97,7 @@ def _check_axis(x: np.ndarray, axis: int, name: str) -> int:
         raise ValueError(f"`axis` of {name} must be an integer. Received: axis={axis!r}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(
-            f"`axis` of {name} is out of range for an input of rank {x.ndim}. "
-            f"Received: axis={axis}"
+            f"`axis` of {name} is out of range for an input of rank {x.ndim}. Received: axis={axis}"
         )
     return int(axis)
 
@@ -387,8 +386,7 @@ def glu(x: np.ndarray, axis: int = -1) -> np.ndarray:
     axis = _check_axis(x, axis, "glu")
     if x.shape[axis] % 2 != 0:
         raise ValueError(
-            "glu needs an even size along its axis. "
-            f"Received: x.shape={x.shape} with axis={axis}"
+            f"glu needs an even size along its axis. Received: x.shape={x.shape} with axis={axis}"
         )
     a, b = np.split(x, 2, axis=axis)
     return a * _stable_sigmoid(b)
@@ -464,8 +462,7 @@ def _from_name(name: str) -> Activation:
 def _from_dict(config: dict[str, Any]) -> Activation:
     if "class_name" not in config:
         raise ValueError(
-            "A serialized activation must have a 'class_name' key. "
-            f"Received: activation={config!r}"
+            f"A serialized activation must have a 'class_name' key. Received: activation={config!r}"
         )
     module = config.get("module")
     registered = config.get("registered_name")

@@ -41,8 +41,10 @@ def _check_real(value: Any, name: str, owner: str) -> float | int:
 def _check_axis(axis: Any, owner: str) -> int | list[int]:
     if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
         return int(axis)
-    if isinstance(axis, Sequence) and not isinstance(axis, (str, bytes)) and all(
-        isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis
+    if (
+        isinstance(axis, Sequence)
+        and not isinstance(axis, (str, bytes))
+        and all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis)
     ):
         return [int(a) for a in axis]
     raise ValueError(

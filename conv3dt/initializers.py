@@ -402,8 +402,7 @@ class VarianceScaling(_RandomInitializer):
             ]
             if bad:
                 raise ValueError(
-                    f"`input_axes`/`output_axes` hold axes {bad}, out of range for "
-                    f"shape={dims}."
+                    f"`input_axes`/`output_axes` hold axes {bad}, out of range for shape={dims}."
                 )
         fan_in, fan_out = compute_fans(dims, self.input_axes, self.output_axes)
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}

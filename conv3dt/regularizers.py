@@ -55,9 +55,7 @@ def _penalty_factor(value: Any, name: str, default: float) -> float:
 def _float_array(x: Any) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
-        raise ValueError(
-            f"Regularizers take floating arrays. Received an array of dtype {x.dtype}"
-        )
+        raise ValueError(f"Regularizers take floating arrays. Received an array of dtype {x.dtype}")
     return x
 
 
@@ -224,9 +222,7 @@ def get(identifier: str | dict[str, Any] | Regularizer | None) -> Regularizer | 
         Unknown names (the message lists the valid ones), malformed dicts, custom
         objects, unknown config keys, bad factors.
     """
-    return resolve_identifier(
-        identifier, kind="regularizer", base=Regularizer, registry=_REGISTRY
-    )
+    return resolve_identifier(identifier, kind="regularizer", base=Regularizer, registry=_REGISTRY)
 
 
 def serialize(regularizer: Regularizer | None) -> dict[str, Any] | None:

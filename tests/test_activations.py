@@ -163,15 +163,20 @@ def test_get_none_name_callable():
     "module", ["builtins", "keras.activations", "keras.src.activations.activations"]
 )
 def test_get_serialized_dict(module):
-    config = {"module": module, "class_name": "function", "config": "gelu",
-              "registered_name": "function"}
+    config = {
+        "module": module,
+        "class_name": "function",
+        "config": "gelu",
+        "registered_name": "function",
+    }
     assert activations.get(config) is activations.gelu
 
 
 def test_get_keras_serialized_dict(keras):
     for name in ("relu", "swish", "softmax"):
-        config = json.loads(json.dumps(keras.saving.serialize_keras_object(
-            keras.activations.get(name))))
+        config = json.loads(
+            json.dumps(keras.saving.serialize_keras_object(keras.activations.get(name)))
+        )
         assert activations.get(config) is activations.get(name)
 
 
@@ -183,12 +188,19 @@ def test_unknown_name_lists_valid_names():
 @pytest.mark.parametrize(
     "config",
     [
-        {"module": "my_project.acts", "class_name": "function", "config": "relu",
-         "registered_name": "function"},
-        {"module": "builtins", "class_name": "function", "config": "relu",
-         "registered_name": "MyPackage>relu"},
-        {"module": "keras.layers", "class_name": "ReLU", "config": {},
-         "registered_name": None},
+        {
+            "module": "my_project.acts",
+            "class_name": "function",
+            "config": "relu",
+            "registered_name": "function",
+        },
+        {
+            "module": "builtins",
+            "class_name": "function",
+            "config": "relu",
+            "registered_name": "MyPackage>relu",
+        },
+        {"module": "keras.layers", "class_name": "ReLU", "config": {}, "registered_name": None},
         {"class_name": "__lambda__", "config": {"value": "..."}},
     ],
 )
@@ -223,8 +235,12 @@ def test_serialize_custom_function_as_keras_writes_it():
         return 2 * x
 
     config = activations.serialize(doubled)
-    assert config == {"module": __name__, "class_name": "function", "config": "doubled",
-                      "registered_name": "doubled"}
+    assert config == {
+        "module": __name__,
+        "class_name": "function",
+        "config": "doubled",
+        "registered_name": "doubled",
+    }
     with pytest.raises(ValueError, match="custom objects"):
         activations.get(config)
     with pytest.raises(ValueError, match="only functions"):

@@ -94,8 +94,12 @@ def ks_two_sample(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.sort(a.ravel()), np.sort(b.ravel())
     grid = np.concatenate([a, b])
     return float(
-        np.max(np.abs(np.searchsorted(a, grid, "right") / a.size
-                      - np.searchsorted(b, grid, "right") / b.size))
+        np.max(
+            np.abs(
+                np.searchsorted(a, grid, "right") / a.size
+                - np.searchsorted(b, grid, "right") / b.size
+            )
+        )
     )
 
 
@@ -146,8 +150,9 @@ def test_distribution_statistics(class_name, config, distribution, parameter):
 @pytest.mark.parametrize(("class_name", "config", "distribution", "parameter"), CASES, ids=CASE_IDS)
 def test_same_distribution_as_keras_samples(keras, class_name, config, distribution, parameter):
     ours = draw(class_name, config)
-    theirs = to_numpy(keras.initializers.get(
-        {"class_name": class_name, "config": {**config, "seed": 11}})(SHAPE))
+    theirs = to_numpy(
+        keras.initializers.get({"class_name": class_name, "config": {**config, "seed": 11}})(SHAPE)
+    )
     assert theirs.shape == ours.shape
     std, _, _ = analytic(distribution, parameter)
     assert abs(ours.mean() - theirs.mean()) < 5 * std * math.sqrt(2.0 / N)
@@ -298,15 +303,18 @@ def test_config_round_trip_with_keras(keras):
 
 def test_layer_config_round_trip(keras):
     layer = keras.layers.Conv3DTranspose(
-        4, 3, kernel_initializer=keras.initializers.HeUniform(seed=2),
+        4,
+        3,
+        kernel_initializer=keras.initializers.HeUniform(seed=2),
         bias_initializer=keras.initializers.Constant(0.1),
     )
     config = json.loads(json.dumps(layer.get_config()))
     for key in ("kernel_initializer", "bias_initializer"):
         assert initializers.serialize(initializers.get(config[key])) == config[key]
     defaults = keras.layers.Conv3DTranspose(4, 3).get_config()
-    assert initializers.serialize(initializers.get("glorot_uniform")) == defaults[
-        "kernel_initializer"]
+    assert (
+        initializers.serialize(initializers.get("glorot_uniform")) == defaults["kernel_initializer"]
+    )
     assert initializers.serialize(initializers.get("zeros")) == defaults["bias_initializer"]
 
 
@@ -319,8 +327,10 @@ def test_identity_gain_is_kept_where_keras_drops_it(keras):
 
 def test_legacy_dict_without_module():
     init = initializers.get(
-        {"class_name": "VarianceScaling",
-         "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "normal", "seed": None}}
+        {
+            "class_name": "VarianceScaling",
+            "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "normal", "seed": None},
+        }
     )
     assert isinstance(init, initializers.VarianceScaling)
     assert init.distribution == "truncated_normal"
@@ -345,10 +355,19 @@ def test_instances_and_classes():
         ({"class_name": "HeNormal", "config": [1]}, "must be a dict"),
         ({"class_name": "HeNormal", "config": {"dtype": "float32"}}, r"Unrecognized.*'dtype'"),
         ({"module": "my_lib.inits", "class_name": "HeNormal", "config": {}}, "Custom"),
-        ({"module": "keras.initializers", "class_name": "MyInit", "config": {},
-          "registered_name": "my_pkg>MyInit"}, "Custom"),
-        ({"class_name": "HeNormal", "config": {"seed": {"class_name": "SeedGenerator"}}},
-         "SeedGenerator"),
+        (
+            {
+                "module": "keras.initializers",
+                "class_name": "MyInit",
+                "config": {},
+                "registered_name": "my_pkg>MyInit",
+            },
+            "Custom",
+        ),
+        (
+            {"class_name": "HeNormal", "config": {"seed": {"class_name": "SeedGenerator"}}},
+            "SeedGenerator",
+        ),
         ({"class_name": "VarianceScaling", "config": {"scale": 0.0}}, "scale=0.0"),
         ({"class_name": "VarianceScaling", "config": {"mode": "fan"}}, "'fan'"),
         ({"class_name": "VarianceScaling", "config": {"distribution": "poisson"}}, "'poisson'"),

@@ -87,7 +87,8 @@ def test_regularizer_names_match_keras(keras):
         assert ours == keras.regularizers.serialize(keras.regularizers.get(name)), name
     # "l1_l2" is the documented name; Keras's get knows only "l1l2". Both give L1L2().
     assert regularizers.serialize(regularizers.get("l1_l2")) == keras.regularizers.serialize(
-        keras.regularizers.L1L2())
+        keras.regularizers.L1L2()
+    )
 
 
 def test_regularizer_config_round_trip(keras):
@@ -98,7 +99,10 @@ def test_regularizer_config_round_trip(keras):
         again = keras.regularizers.get(regularizers.serialize(ours))
         assert keras.regularizers.serialize(again) == expected
     layer = keras.layers.Conv3DTranspose(
-        2, 3, kernel_regularizer="l2", bias_regularizer=keras.regularizers.L1(0.2),
+        2,
+        3,
+        kernel_regularizer="l2",
+        bias_regularizer=keras.regularizers.L1(0.2),
         activity_regularizer="l1l2",
     )
     config = json.loads(json.dumps(layer.get_config()))
@@ -126,8 +130,15 @@ def test_regularizer_defaults_and_none():
         ({"class_name": "L1L2", "config": {"l3": 1.0}}, r"Unrecognized.*'l3'"),
         ({"class_name": "OrthogonalRegularizer", "config": {"mode": "diagonal"}}, "'diagonal'"),
         ({"module": "project.regs", "class_name": "L2", "config": {}}, "Custom"),
-        ({"module": "keras.regularizers", "class_name": "L2", "config": {},
-          "registered_name": "pkg>L2"}, "Custom"),
+        (
+            {
+                "module": "keras.regularizers",
+                "class_name": "L2",
+                "config": {},
+                "registered_name": "pkg>L2",
+            },
+            "Custom",
+        ),
         ([0.01], r"regularizer=\[0.01\]"),
     ],
 )
