@@ -43,6 +43,13 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
         help="Name of the Conv3DTranspose layer in --keras-model (optional when it has one).",
     )(function)
     function = click.option(
+        "--model-config",
+        type=click.Path(dir_okay=False),
+        metavar="JSON",
+        help="The model's config (model.to_json() saved to a file), for a weights-only "
+        "--keras-model such as a Keras 2 save_weights .h5; instead of --spec.",
+    )(function)
+    function = click.option(
         "--keras-model",
         type=click.Path(dir_okay=False),
         help="A Keras model file (.keras, legacy .h5) to take the layer and weights from; "
@@ -57,15 +64,25 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load_layer_spec(
-    spec: str | None, keras_model: str | None, layer_name: str | None, seed: int | None = None
+    spec: str | None,
+    keras_model: str | None,
+    layer_name: str | None,
+    seed: int | None = None,
+    model_config: str | None = None,
 ) -> Any:
-    """The layer from --spec, --keras-model, or a weights-only model file and a spec.
+    """The layer from --spec, --keras-model, or a weights-only model file and its config.
 
-    A weights-only file (``model.save_weights``) records no layer config, so the
-    spec supplies it; the spec must then leave out ``weights``, since the file's
+    A weights-only file (``model.save_weights``) records no layer config: a spec
+    supplies the layer's, or ``--model-config`` the model's (``model.to_json()``,
+    which a Keras 2 ``.h5`` of weights needs, as it does not even record the
+    layers' classes). The spec must then leave out ``weights``, since the file's
     weights and the spec's would compete. A full model file has its own config,
-    so a spec beside it is refused rather than silently ignored or merged.
+    so a spec or model config beside it is refused rather than ignored or merged.
     """
+    if model_config is not None and (keras_model is None or spec is not None):
+        raise click.UsageError(
+            "--model-config goes with --keras-model (a weights-only file), instead of --spec"
+        )
     if spec is None and keras_model is None:
         raise click.UsageError(
             "give --spec, --keras-model, or both (a .weights.h5 file and the spec of its layer)"
@@ -79,23 +96,24 @@ def _load_layer_spec(
         if seed is not None:
             loaded.seed = seed
         return loaded
-    from conv3dt.keras_file import KerasFileError, load_keras_layer, load_layer
+    from conv3dt.keras_file import KerasFileError, load_layer
 
+    if model_config is not None:
+        layer = load_layer(keras_model, layer_name, model_config=model_config)
+        return LayerSpec(
+            layer=layer, source=f"{keras_model} (model config: {model_config})", seed=seed
+        )
+    stored_config = _stored_config(keras_model, layer_name)
     if spec is None:
-        try:
-            layer = load_layer(keras_model, layer_name)
-        except KerasFileError:
-            # Reading the layer's entry alone tells a weights-only file (no config).
-            if load_keras_layer(keras_model, layer_name)[0] is not None:
-                raise
+        if stored_config is None:
             raise KerasFileError(
                 f"{keras_model} holds weights only, not the layer's config (filters, "
-                "kernel_size, ...)\n  give the config with --spec SPEC: a spec with a "
-                "'layer' entry and no 'weights'"
-            ) from None
+                "kernel_size, ...)\n  give the config with --spec SPEC (a spec with a "
+                "'layer' entry and no 'weights') or --model-config MODEL.json"
+            )
+        layer = load_layer(keras_model, layer_name)
         return LayerSpec(layer=layer, source=str(keras_model), seed=seed)
     loaded = load_spec(spec)
-    stored_config, _ = load_keras_layer(keras_model, layer_name)
     if stored_config is not None:
         raise KerasFileError(
             f"{keras_model} is a model file with the layer's own config, which --spec "
@@ -109,6 +127,19 @@ def _load_layer_spec(
         )
     layer = load_layer(keras_model, layer_name, layer_config=loaded.layer.get_config())
     return LayerSpec(layer=layer, source=f"{keras_model} (layer config: {spec})", seed=seed)
+
+
+def _stored_config(keras_model: str, layer_name: str | None) -> Any:
+    """The layer's config as the file records it; None for a weights-only file."""
+    from conv3dt.keras_file import KerasFileError, is_legacy_weights_only, load_keras_layer
+
+    if is_legacy_weights_only(keras_model):
+        raise KerasFileError(
+            f"{keras_model} is a Keras 2 weights-only .h5, which does not record the "
+            "layers' classes\n  give the model's config with --model-config MODEL.json "
+            "(model.to_json() saved to a file)"
+        )
+    return load_keras_layer(keras_model, layer_name)[0]
 
 
 def _configure_logging(verbose: int, quiet: bool) -> None:
@@ -233,6 +264,7 @@ def upsample(
     inputs: tuple[str, ...],
     spec: str | None,
     keras_model: str | None,
+    model_config: str | None,
     layer_name: str | None,
     seed: int | None,
     verbose: int,
@@ -249,7 +281,9 @@ def upsample(
             raise click.UsageError("--json and -o - both write to stdout; use one of them")
         code = run_upsample(
             list(inputs),
-            layer_spec_loader=lambda: _load_layer_spec(spec, keras_model, layer_name, seed),
+            layer_spec_loader=lambda: _load_layer_spec(
+                spec, keras_model, layer_name, seed, model_config
+            ),
             **options,
         )
         _exit(code)
@@ -276,6 +310,7 @@ def upsample(
 def inspect(
     spec: str | None,
     keras_model: str | None,
+    model_config: str | None,
     layer_name: str | None,
     input_path: str | None,
     input_format: str | None,
@@ -295,7 +330,7 @@ def inspect(
             limit = None if memory_limit is None else parse_memory(memory_limit)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--memory-limit") from None
-        layer_spec = _load_layer_spec(spec, keras_model, layer_name, seed)
+        layer_spec = _load_layer_spec(spec, keras_model, layer_name, seed, model_config)
         report = inspect_report(
             layer_spec,
             input_path,

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KerasFileError",
+    "is_legacy_weights_only",
     "list_conv3d_transpose_layers",
     "load_keras_layer",
     "load_layer",
@@ -150,6 +151,23 @@ def list_conv3d_transpose_layers(
     """
     with _ModelFile(path, model_config) as model:
         return model.transpose_names()
+
+
+def is_legacy_weights_only(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a Keras 2 weights-only HDF5 file (``model.save_weights("w.h5")``).
+
+    Such a file names its layers but not their classes, so reading a layer
+    from it needs the model's config. Any file that is not one (including one
+    that cannot be read) gives False: the readers report what is wrong with it.
+    """
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(4) in _ZIP_SIGNATURES:
+                return False
+        with h5py.File(path, "r") as file:
+            return "layer_names" in file.attrs and "model_config" not in file.attrs
+    except OSError:
+        return False
 
 
 def load_layer(

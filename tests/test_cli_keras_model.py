@@ -177,3 +177,87 @@ def test_weights_saved_by_keras_with_a_spec_match_keras(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(np.load(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def _keras2_weights_only(tmp_path: Path) -> tuple[Path, Path]:
+    """A Keras 2 ``model.save_weights("w.h5")`` file and ``model.to_json()`` beside it."""
+    import h5py
+
+    up = EXPECTED["files"]["sequential.keras"]["configs"]["up"]
+    layer_config = {
+        key: up[key] for key in ("filters", "kernel_size", "strides", "padding", "activation")
+    }
+    layer_config.update(name="up", dtype="float32", use_bias=True, groups=1)
+    model_config = {
+        "class_name": "Sequential",
+        "config": {
+            "name": "sequential",
+            "layers": [
+                {"class_name": "InputLayer", "config": {"batch_input_shape": [None, 4, 5, 6, 3]}},
+                {"class_name": "Conv3DTranspose", "config": layer_config},
+            ],
+        },
+    }
+    arrays = _reference()
+    weights = tmp_path / "weights.h5"
+    with h5py.File(weights, "w") as file:
+        file.attrs["keras_version"] = b"2.15.0"
+        file.attrs["layer_names"] = [b"input_1", b"up"]
+        file.create_group("input_1").attrs["weight_names"] = []
+        group = file.create_group("up")
+        group.attrs["weight_names"] = [b"up/kernel:0", b"up/bias:0"]
+        group["up/kernel:0"] = arrays["kernel"]
+        group["up/bias:0"] = arrays["bias"]
+    config_path = tmp_path / "model.json"
+    config_path.write_text(json.dumps(model_config))
+    return weights, config_path
+
+
+def test_keras_2_weights_with_model_config_equals_keras(tmp_path: Path) -> None:
+    weights, model_json = _keras2_weights_only(tmp_path)
+    arrays = _reference()
+    np.save(tmp_path / "in.npy", arrays["input"][0])
+    out = tmp_path / "out.npy"
+    result = _run(
+        "upsample", tmp_path / "in.npy", "--keras-model", weights, "--model-config", model_json,
+        "-o", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(out), arrays["output"][0], rtol=0, atol=1e-5)
+    report = _run("inspect", "--keras-model", weights, "--model-config", model_json, "--json")
+    assert report.exit_code == 0, report.output
+    assert str(model_json) in json.loads(report.output)["source"]
+
+
+@pytest.mark.parametrize("with_spec", [False, True])
+def test_keras_2_weights_without_model_config_are_refused(tmp_path: Path, with_spec: bool) -> None:
+    weights, _ = _keras2_weights_only(tmp_path)
+    spec = ("--spec", _write_spec(tmp_path / "up.yaml", UP_CONFIG)) if with_spec else ()
+    result = _run("inspect", "--keras-model", weights, *spec)
+    _assert_refused(result, str(weights), "Keras 2 weights-only", "--model-config MODEL.json")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--spec", "SPEC", "--keras-model", "WEIGHTS"),
+        (),
+    ],
+)
+def test_model_config_needs_a_weights_file_and_no_spec(tmp_path: Path, extra: tuple) -> None:
+    weights, model_json = _keras2_weights_only(tmp_path)
+    spec = _write_spec(tmp_path / "up.yaml", UP_CONFIG)
+    names = {"SPEC": str(spec), "WEIGHTS": str(weights)}
+    result = _run("inspect", "--model-config", model_json, *(names.get(a, a) for a in extra))
+    assert result.exit_code == 2, result.output
+    assert "--model-config goes with --keras-model" in result.output
+
+
+def test_model_config_beside_a_full_model_is_refused(tmp_path: Path) -> None:
+    _, model_json = _keras2_weights_only(tmp_path)
+    result = _run(
+        "inspect", "--keras-model", FIXTURES / "sequential.keras", "--model-config", model_json
+    )
+    assert result.exit_code == 2, result.output
+    assert "only for weights-only files" in result.output
+    assert "Traceback" not in result.output

@@ -21,6 +21,7 @@ import pytest
 
 from conv3dt.keras_file import (
     KerasFileError,
+    is_legacy_weights_only,
     list_conv3d_transpose_layers,
     load_keras_layer,
     load_layer,
@@ -518,6 +519,20 @@ def test_legacy_weights_only_file_needs_model_config(tmp_path: pathlib.Path) -> 
         model_config = json.loads(source.attrs["model_config"])
     with pytest.raises(KerasFileError, match="model_config"):
         load_keras_layer(path, "up")
+    assert is_legacy_weights_only(path)
+    assert not is_legacy_weights_only(full)
     config, weights = load_keras_layer(path, "up", model_config=model_config)
     assert config == model_config["config"]["layers"][1]["config"]
     assert_same_weights(weights, reference_weights("up"))
+
+
+def test_only_keras_2_weights_files_are_legacy_weights_only(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "text.h5").write_text("not HDF5")
+    for path in [
+        FIXTURES / "sequential.keras",
+        FIXTURES / "sequential.weights.h5",
+        FIXTURES / "functional.h5",
+        tmp_path / "text.h5",
+        tmp_path / "absent.h5",
+    ]:
+        assert not is_legacy_weights_only(path), path
