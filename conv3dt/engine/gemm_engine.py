@@ -215,7 +215,6 @@ def conv_transpose_region_gemm(
     Same parameters and result as :func:`conv3dt.engine.conv_transpose_region`;
     ``epilogue`` is applied as the results are scattered into the output.
     """
-
     from conv3dt.engine import numba_kernels as nk
 
     batch = x.shape[0]
