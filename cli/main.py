@@ -103,17 +103,21 @@ def _load_layer_spec(
         return LayerSpec(
             layer=layer, source=f"{keras_model} (model config: {model_config})", seed=seed
         )
-    stored_config = _stored_config(keras_model, layer_name)
     if spec is None:
-        if stored_config is None:
+        try:
+            layer = load_layer(keras_model, layer_name)
+        except KerasFileError:
+            # Reading the layer's entry alone tells a weights-only file (no config).
+            if _stored_config(keras_model, layer_name) is not None:
+                raise
             raise KerasFileError(
                 f"{keras_model} holds weights only, not the layer's config (filters, "
                 "kernel_size, ...)\n  give the config with --spec SPEC (a spec with a "
                 "'layer' entry and no 'weights') or --model-config MODEL.json"
-            )
-        layer = load_layer(keras_model, layer_name)
+            ) from None
         return LayerSpec(layer=layer, source=str(keras_model), seed=seed)
     loaded = load_spec(spec)
+    stored_config = _stored_config(keras_model, layer_name)
     if stored_config is not None:
         raise KerasFileError(
             f"{keras_model} is a model file with the layer's own config, which --spec "
