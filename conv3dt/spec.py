@@ -17,9 +17,12 @@ A spec looks like::
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +30,53 @@ from typing import Any
 import numpy as np
 import yaml
 
-from conv3dt.layer import Conv3DTranspose
+from conv3dt.layer import _ALLOWED_KWARGS, _IGNORED_KWARGS, Conv3DTranspose
 
-__all__ = ["LayerSpec", "SpecError", "load_spec", "load_weight_array", "spec_from_layer"]
+__all__ = [
+    "ChannelMismatchError",
+    "LayerSpec",
+    "SpecError",
+    "load_spec",
+    "load_weight_array",
+    "spec_from_layer",
+]
 
 _TOP_KEYS = ("layer", "weights", "seed")
 _WEIGHT_KEYS = ("kernel", "bias", "layout")
+_LAYER_KEYS = (
+    *(
+        name
+        for name, parameter in inspect.signature(Conv3DTranspose.__init__).parameters.items()
+        if name != "self" and parameter.kind is not parameter.VAR_KEYWORD
+    ),
+    *_ALLOWED_KWARGS,
+    *_IGNORED_KWARGS,
+)
 
 
 class SpecError(ValueError):
     """A spec file or one of its fields is invalid; the message names both."""
+
+
+class ChannelMismatchError(SpecError):
+    """A volume's channel count is not the one the loaded kernel was made for.
+
+    Attributes
+    ----------
+    expected : int
+        The kernel's input channels.
+    got : int
+        The volume's channels.
+    four_d : bool
+        The volume is a 4D array read as one volume with channels, which could
+        be read as a batch of single-channel volumes instead.
+    """
+
+    def __init__(self, message: str, expected: int, got: int, four_d: bool = False) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.got = got
+        self.four_d = four_d
 
 
 @dataclass
@@ -57,21 +97,27 @@ class LayerSpec:
     source: str
     seed: int | None = None
 
-    def ensure_built(self, in_channels: int) -> None:
+    def ensure_built(self, in_channels: int, four_d: bool = False) -> None:
         """Draw weights for ``in_channels`` input channels if none were loaded.
+
+        ``four_d`` tells that the channels are a 4D array's 4th axis (see
+        :attr:`ChannelMismatchError.four_d`).
 
         Raises
         ------
-        SpecError
+        ChannelMismatchError
             When loaded weights expect a different number of input channels.
         """
         layer = self.layer
         if layer.built and layer.kernel is not None:
-            expected = layer.kernel.shape[-1]
+            expected = int(layer.kernel.shape[-1])
             if expected != in_channels:
-                raise SpecError(
-                    f"{self.source}: the layer's kernel expects {expected} input channel(s), "
-                    f"the volume has {in_channels}"
+                raise ChannelMismatchError(
+                    f"the volume has {in_channels} channel(s); the layer's kernel "
+                    f"({self.source}) expects {expected} input channel(s)",
+                    expected,
+                    in_channels,
+                    four_d,
                 )
             return
         shape = (
@@ -80,6 +126,24 @@ class LayerSpec:
             else (1, in_channels, 1, 1, 1)
         )
         layer.build(shape, seed=self.seed)
+
+
+def _unknown_keys(given: Iterable[Any], known: Sequence[str]) -> tuple[str, bool] | None:
+    """The keys of ``given`` not in ``known``, each with the nearest known key, or None.
+
+    Returns the listing and whether every unknown key got a suggestion.
+    Suggestions use difflib's closeness, as Click's "did you mean" for options does.
+    """
+    unknown = sorted({key for key in given if key not in known}, key=str)
+    if not unknown:
+        return None
+    parts = []
+    suggested = 0
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        suggested += bool(close)
+    return ", ".join(parts), suggested == len(unknown)
 
 
 def _read_document(path: Path) -> Any:
@@ -197,16 +261,25 @@ def load_spec(path: str | os.PathLike) -> LayerSpec:
     document = _read_document(spec_path)
     if not isinstance(document, dict):
         raise SpecError(f"{spec_path}: expected a mapping with a 'layer' key at the top level")
-    unknown = sorted(set(document) - set(_TOP_KEYS))
+    unknown = _unknown_keys(document, _TOP_KEYS)
     if unknown:
         raise SpecError(
-            f"{spec_path}: unknown top-level key(s) {unknown}; expected {list(_TOP_KEYS)}"
+            f"{spec_path}: unknown top-level key(s) {unknown[0]}; expected {list(_TOP_KEYS)}"
         )
     config = document.get("layer")
     if not isinstance(config, dict):
         raise SpecError(
             f"{spec_path}: field 'layer' must be a mapping of Conv3DTranspose arguments"
         )
+    # Before the required keys: a misspelt key is the real problem when one seems missing.
+    unknown = _unknown_keys(config, _LAYER_KEYS)
+    if unknown:
+        listing, suggested = unknown
+        # The arguments are too many to list after a suggestion.
+        expected = (
+            "" if suggested else f"; expected Conv3DTranspose arguments: {', '.join(_LAYER_KEYS)}"
+        )
+        raise SpecError(f"{spec_path}: unknown key(s) {listing} in 'layer'{expected}")
     seed = document.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise SpecError(f"{spec_path}: field 'seed' must be a non-negative integer, got {seed!r}")
@@ -227,10 +300,10 @@ def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> Non
         raise SpecError(
             f"{spec_path}: field 'weights' must be a mapping with 'kernel' (and 'bias')"
         )
-    unknown = sorted(set(weights) - set(_WEIGHT_KEYS))
+    unknown = _unknown_keys(weights, _WEIGHT_KEYS)
     if unknown:
         raise SpecError(
-            f"{spec_path}: unknown key(s) {unknown} in 'weights'; expected {list(_WEIGHT_KEYS)}"
+            f"{spec_path}: unknown key(s) {unknown[0]} in 'weights'; expected {list(_WEIGHT_KEYS)}"
         )
     layout = weights.get("layout", "keras")
     if layout not in ("keras", "torch"):
