@@ -12,6 +12,7 @@ import click
 
 if TYPE_CHECKING:
     from conv3dt.plan import MemoryLimitError
+    from conv3dt.spec import ChannelMismatchError
 
 __all__ = [
     "EXIT_FAILURE",
@@ -53,6 +54,10 @@ def message_for(error: BaseException) -> str:
 
     if isinstance(error, MemoryLimitError):
         return _memory_limit_message(error)
+    from conv3dt.spec import ChannelMismatchError
+
+    if isinstance(error, ChannelMismatchError):
+        return f"{error}\n  {_channel_hint(error)}"
     text = str(error).strip() or type(error).__name__
     if isinstance(error, OSError) and error.filename and str(error.filename) not in text:
         text = f"{error.filename}: {text}"
@@ -70,6 +75,16 @@ def _memory_limit_message(error: MemoryLimitError) -> str:
         f"({shape} output voxels) needs {format_bytes(error.minimum)} ({error.minimum} bytes), "
         f"engine work blocks included\n  give --memory-limit {suggested}M or more"
     )
+
+
+def _channel_hint(error: ChannelMismatchError) -> str:
+    make = f"a spec for {error.got} input channels (conv3dt init --in-channels {error.got})"
+    if error.four_d and error.expected == 1:
+        return (
+            f"give --4d-as-batch to read its 4th dimension as a batch of 1-channel volumes, "
+            f"or {make}"
+        )
+    return f"give {make}"
 
 
 def report(error: BaseException, debug: bool) -> None:

@@ -225,7 +225,11 @@ def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:
     if failures:
         click.echo(f"conv3dt: {len(failures)} of {total} input(s) failed:", err=True)
         for path, error in failures:
-            click.echo(f"  {path}: {errors.message_for(error)}", err=True)
+            message = errors.message_for(error).splitlines()[0]
+            # Most messages about an input start with its path already.
+            if not message.startswith(f"{path}:"):
+                message = f"{path}: {message}"
+            click.echo(f"  {message}", err=True)
         return errors.EXIT_FAILURE
     return 0
 

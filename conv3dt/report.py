@@ -42,10 +42,10 @@ def inspect_report(
     report: dict[str, Any] = {"source": spec.source}
     plan_info: dict[str, Any] | None = None
     if input_path is not None:
-        from conv3dt.run import input_storage, prepare
+        from conv3dt.run import input_storage, naming_input, prepare
         from conv3dt.volumes import open_volume
 
-        with open_volume(input_path, input_format) as reader:
+        with open_volume(input_path, input_format) as reader, naming_input(input_path):
             spatial_first = reader.format == "nifti"
             prepared = prepare(
                 spec,

@@ -15,8 +15,9 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +28,9 @@ from conv3dt.dtypes import numpy_dtype
 from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layer import Conv3DTranspose
-from conv3dt.layout import DiskLayout, disk_layout
+from conv3dt.layout import DiskLayout, LayoutError, disk_layout
 from conv3dt.plan import DEFAULT_CHUNK_BYTES, Plan, Tile, plan_tiles
-from conv3dt.spec import LayerSpec
+from conv3dt.spec import ChannelMismatchError, LayerSpec
 from conv3dt.volumes import VolumeReader, create_volume, detect_format, open_volume
 from conv3dt.volumes.affine import output_affine
 
@@ -40,6 +41,7 @@ __all__ = [
     "RunResult",
     "compute_tile",
     "input_storage",
+    "naming_input",
     "peak_rss_bytes",
     "prepare",
     "prepare_file",
@@ -233,7 +235,7 @@ def prepare(
     in_layout = disk_layout(
         shape, layer.data_format, spatial_first=spatial_first, four_d_as_batch=four_d_as_batch
     )
-    spec.ensure_built(in_layout.channels)
+    spec.ensure_built(in_layout.channels, four_d=in_layout.axes in ("zyxc", "czyx"))
     axes = layer.geometry(in_layout.spatial)
     out_spatial = tuple(g.output_length for g in axes)
     out_first = spatial_first if output_spatial_first is None else output_spatial_first
@@ -250,7 +252,9 @@ def prepare(
             + ("b" if "b" in out_layout.axes else "")
         )
         if len(labels) > 4:
-            raise ValueError("a batch of multi-channel volumes cannot be written as one NIfTI file")
+            raise LayoutError(
+                "a batch of multi-channel volumes cannot be written as one NIfTI file"
+            )
         out_layout = DiskLayout(labels, tuple(out_layout.size(label) for label in labels))
     activation = _activation_name(layer)
     if activation == "glu":
@@ -297,6 +301,19 @@ def prepare(
             tuple(g.world_offset() for g in axes),  # type: ignore[arg-type]
         )
     return Prepared(in_layout, out_layout, plan, affine, out_dtype)
+
+
+@contextmanager
+def naming_input(path: str) -> Iterator[None]:
+    """Put the input's path in front of errors about how its volume fits the layer.
+
+    :func:`prepare` sees shapes only; its callers know which file they belong to.
+    """
+    try:
+        yield
+    except (LayoutError, ChannelMismatchError) as error:
+        error.args = (f"{'stdin' if path == '-' else path}: {error}",)
+        raise
 
 
 def storage_chunks(layout: DiskLayout, spatial: tuple[int, int, int]) -> tuple[int, ...]:
@@ -363,8 +380,8 @@ def prepare_file(
     VolumeError
         When ``output_format`` is None and the extension names no format.
     ValueError
-        (LayoutError, SpecError) when the volume does not fit the layer, or for
-        an unsupported ``output_dtype``.
+        (LayoutError, SpecError) when the volume does not fit the layer, naming
+        ``source``'s path; or for an unsupported ``output_dtype``.
     """
     target_format = output_format or detect_format(output_path)
     spatial_first = source.format == "nifti"
@@ -372,20 +389,21 @@ def prepare_file(
     affine = source.metadata.affine if source.metadata is not None else None
     if affine is None and target_is_nifti:
         affine = np.eye(4)
-    prepared = prepare(
-        spec,
-        tuple(source.shape),
-        spatial_first=spatial_first,
-        four_d_as_batch=four_d_as_batch,
-        input_affine=affine,
-        output_dtype=output_dtype,
-        memory_limit=memory_limit,
-        tile_shape=tile_shape,
-        output_spatial_first=target_is_nifti or spatial_first,
-        output_format=None if scratch else target_format,
-        output_compressed=output_path.lower().endswith(".gz"),
-        **input_storage(source),
-    )
+    with naming_input(source.path):
+        prepared = prepare(
+            spec,
+            tuple(source.shape),
+            spatial_first=spatial_first,
+            four_d_as_batch=four_d_as_batch,
+            input_affine=affine,
+            output_dtype=output_dtype,
+            memory_limit=memory_limit,
+            tile_shape=tile_shape,
+            output_spatial_first=target_is_nifti or spatial_first,
+            output_format=None if scratch else target_format,
+            output_compressed=output_path.lower().endswith(".gz"),
+            **input_storage(source),
+        )
     chunks = None
     if prepared.plan.chunks is not None and output_path != "-":
         chunks = storage_chunks(prepared.out_layout, prepared.plan.chunks)

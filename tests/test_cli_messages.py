@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 from test_cli import _assert_clean_failure, _run, _spec
 
@@ -13,7 +15,6 @@ from conv3dt import Conv3DTranspose
 @pytest.fixture()
 def one_channel(tmp_path: Path) -> tuple[Path, Path]:
     """A spec with a kernel for one input channel, and a 3D .npy volume."""
-    import numpy as np
 
     spec = _spec(tmp_path, Conv3DTranspose(1, 2, strides=2), 1)
     volume = tmp_path / "v.npy"
@@ -44,3 +45,46 @@ def test_unknown_spec_keys_get_a_suggestion(tmp_path, one_channel, text, suggest
     spec = _spec_text(tmp_path, text)
     result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
     _assert_clean_failure(result, 2, "typo.yaml", suggestion)
+
+
+def test_a_4d_nifti_in_a_batch_names_the_file_and_both_fixes(tmp_path, one_channel):
+
+    spec, _ = one_channel
+    series = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), series)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a.nii.gz")
+    result = _run(
+        "upsample",
+        str(tmp_path / "a.nii.gz"),
+        str(series),
+        "--spec",
+        str(spec),
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
+    _assert_clean_failure(
+        result, 2, "series.nii.gz: the volume has 2 channel(s)", "--4d-as-batch", "--in-channels 2"
+    )
+    inspected = _run("inspect", "--spec", str(spec), "--input", str(series))
+    _assert_clean_failure(inspected, 2, "series.nii.gz:", "--4d-as-batch")
+
+
+def test_a_batch_with_channels_names_the_file_and_init(tmp_path, one_channel):
+
+    spec, _ = one_channel
+    np.save(tmp_path / "batch.npy", np.ones((2, 4, 4, 4, 3), np.float32))
+    result = _run(
+        "upsample", str(tmp_path / "batch.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
+    )
+    _assert_clean_failure(result, 2, "batch.npy: the volume has 3 channel(s)", "--in-channels 3")
+    assert "--4d-as-batch" not in result.output
+
+
+def test_a_volume_of_the_wrong_rank_is_named(tmp_path, one_channel):
+
+    spec, _ = one_channel
+    np.save(tmp_path / "flat.npy", np.ones((4, 4), np.float32))
+    result = _run(
+        "upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
+    )
+    _assert_clean_failure(result, 2, "flat.npy: expected a 3D volume")
