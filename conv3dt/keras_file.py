@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import reprlib
@@ -33,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+
+from conv3dt.hdf5_guard import Hdf5Guard
 
 if TYPE_CHECKING:
     from conv3dt.layer import Conv3DTranspose
@@ -53,9 +54,6 @@ _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # A config larger than this is not a model config; refusing it keeps a
 # malicious archive from exhausting memory.
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
-# Datasets declaring far more bytes than they store are shape bombs.
-_BOMB_FLOOR_BYTES = 1 << 32
-_BOMB_MAX_EXPANSION = 1000
 # Where Keras saves a layer of class Conv3DTranspose inside a model (see _snake_case).
 _TRANSPOSE_GROUP = re.compile(r"^conv3d_transpose(_\d+)?$")
 # Keras 2 layer arguments that only describe the model's input, not the layer.
@@ -343,25 +341,13 @@ def _string_list(group: h5py.Group, name: str) -> list[str]:
     return [_text(item) for chunk in chunks for item in np.atleast_1d(chunk)]
 
 
-class _H5:
+class _H5(Hdf5Guard):
     """Read-only access to one HDF5 file that follows hard links only."""
 
     def __init__(self, file: h5py.File, where: str) -> None:
-        self.file = file
-        self.where = where  # how messages name the file
+        super().__init__(file, where, KerasFileError, soft_links=False)
 
-    def group(self, path: str, parent: h5py.Group | None = None) -> h5py.Group | None:
-        """The group at ``path`` (relative to ``parent``), or None when absent."""
-        node = self.file if parent is None else parent
-        for part in (p for p in path.split("/") if p):
-            node = self.child(node, part, path)
-            if node is None:
-                return None
-            if not isinstance(node, h5py.Group):
-                raise KerasFileError(f"{self.where}: {path!r} is a dataset, expected a group.")
-        return node
-
-    def dataset(self, parent: h5py.Group, path: str) -> np.ndarray:
+    def array(self, parent: h5py.Group, path: str) -> np.ndarray:
         """The array stored at ``path`` under ``parent``."""
         head, _, key = path.rpartition("/")
         group = self.group(head, parent) if head else parent
@@ -370,19 +356,8 @@ class _H5:
             raise KerasFileError(f"{self.where}: weights entry {path!r} is missing.")
         if not isinstance(node, h5py.Dataset):
             raise KerasFileError(f"{self.where}: {path!r} is a group, expected a dataset.")
-        if node.external or node.is_virtual:
-            raise KerasFileError(
-                f"{self.where}: dataset {path!r} refers to data outside the file; refused."
-            )
-        declared = math.prod(node.shape or ()) * node.dtype.itemsize
-        if (
-            declared > _BOMB_FLOOR_BYTES
-            and declared > _BOMB_MAX_EXPANSION * node.id.get_storage_size()
-        ):
-            raise KerasFileError(
-                f"{self.where}: dataset {path!r} declares {declared} bytes but stores far "
-                "fewer; refused."
-            )
+        self.check_dataset(node, path)
+        self.check_expansion(node, path)
         try:
             data = np.asarray(node[()])
         except (OSError, RuntimeError) as error:
@@ -392,23 +367,6 @@ class _H5:
             bits = data.view("<u2").astype(np.uint32) << 16
             data = bits.view(np.float32)
         return data
-
-    def child(self, parent: h5py.Group, name: str, path: str) -> Any:
-        """``parent[name]`` when it is a hard link, None when absent; ``path`` names it."""
-        try:
-            link = parent.get(name, getlink=True)
-        except (OSError, RuntimeError, KeyError) as error:
-            raise KerasFileError(f"{self.where}: cannot read {path!r}: {error}") from error
-        if link is None:
-            return None
-        if not isinstance(link, h5py.HardLink):
-            raise KerasFileError(
-                f"{self.where}: {path!r} is a {type(link).__name__}; links are refused."
-            )
-        try:
-            return parent[name]
-        except (OSError, RuntimeError, KeyError) as error:
-            raise KerasFileError(f"{self.where}: cannot read {path!r}: {error}") from error
 
 
 class _Keras3Weights:
@@ -445,7 +403,7 @@ class _Keras3Weights:
                 f"{self.h5.where}: unexpected weights entries {sorted(keys)} for layer "
                 f"{entry.qualified!r}."
             )
-        return [self.h5.dataset(group, key) for key in sorted(keys, key=int)]
+        return [self.h5.array(group, key) for key in sorted(keys, key=int)]
 
     def _vars(self, entry: _Entry) -> h5py.Group:
         tried = []
@@ -513,7 +471,7 @@ class _LegacyWeights:
                 f"{entry.qualified!r} in group {entry.top_level!r}; found "
                 f"{found['kernel'] + found['bias'] or 'none'}."
             )
-        return [self.h5.dataset(group, name) for name in found["kernel"] + found["bias"]]
+        return [self.h5.array(group, name) for name in found["kernel"] + found["bias"]]
 
 
 # ------------------------------------------------------------------- model files

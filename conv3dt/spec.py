@@ -21,8 +21,7 @@ import difflib
 import inspect
 import json
 import os
-import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 import yaml
 
 from conv3dt.layer import _ALLOWED_KWARGS, _IGNORED_KWARGS, Conv3DTranspose
+from conv3dt.weight_files import read_weight_array
 
 __all__ = [
     "ChannelMismatchError",
@@ -179,8 +179,14 @@ def _split_reference(reference: str) -> tuple[str, str | None]:
     return reference, None
 
 
-def load_weight_array(reference: str, base_dir: Path, field: str, spec_path: Path) -> np.ndarray:
-    """Load one weight array named in a spec.
+def load_weight_array(
+    reference: str,
+    base_dir: Path,
+    field: str,
+    spec_path: Path,
+    check: Callable[[tuple[int, ...]], None] | None = None,
+) -> np.ndarray:
+    """Load one weight array named in a spec, its size checked before its data is read.
 
     Parameters
     ----------
@@ -189,6 +195,9 @@ def load_weight_array(reference: str, base_dir: Path, field: str, spec_path: Pat
         are relative to ``base_dir`` (the spec's directory).
     field : str
         The spec field, for error messages (e.g. ``weights.kernel``).
+    check : callable, optional
+        Called with the array's shape as the file declares it, before its data
+        is read; raises :class:`SpecError` to refuse it.
     """
     file_part, inner = _split_reference(reference)
     path = Path(file_part)
@@ -197,49 +206,7 @@ def load_weight_array(reference: str, base_dir: Path, field: str, spec_path: Pat
     where = f"{spec_path}: {field}"
     if not path.exists():
         raise SpecError(f"{where}: weight file {path} not found")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                names = list(archive.files)
-                if inner is None:
-                    if len(names) != 1:
-                        raise SpecError(
-                            f"{where}: {path} holds {names}; name one as {path.name}:NAME"
-                        )
-                    inner = names[0]
-                if inner not in names:
-                    raise SpecError(f"{where}: {path} has no array {inner!r}; it holds {names}")
-                return archive[inner]
-        if suffix in (".h5", ".hdf5"):
-            import h5py
-
-            with h5py.File(path, "r") as handle:
-                datasets: list[str] = []
-                handle.visititems(
-                    lambda name, obj: (
-                        datasets.append("/" + name) if isinstance(obj, h5py.Dataset) else None
-                    )
-                )
-                if inner is None:
-                    if len(datasets) != 1:
-                        raise SpecError(
-                            f"{where}: {path} holds datasets {datasets}; name one as "
-                            f"{path.name}:/DATASET"
-                        )
-                    inner = datasets[0]
-                if inner not in handle or not isinstance(handle[inner], h5py.Dataset):
-                    raise SpecError(
-                        f"{where}: {path} has no dataset {inner!r}; it holds {datasets}"
-                    )
-                return handle[inner][()]
-    except SpecError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SpecError(f"{where}: cannot read {path}: {exc}") from None
-    raise SpecError(f"{where}: unsupported weight file {path}; expected .npy, .npz or .h5")
+    return read_weight_array(path, inner, where, SpecError, check)
 
 
 def _to_keras_layout(kernel: np.ndarray, layout: str) -> np.ndarray:
@@ -311,9 +278,8 @@ def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> Non
     if not isinstance(weights.get("kernel"), str):
         raise SpecError(f"{spec_path}: weights.kernel must name a weight file")
     base = spec_path.parent
-    kernel = load_weight_array(weights["kernel"], base, "weights.kernel", spec_path)
-    if kernel.ndim != 5:
-        raise SpecError(f"{spec_path}: weights.kernel must be 5D, got shape {kernel.shape}")
+    kernel_check = _kernel_check(layer, layout, spec_path)
+    kernel = load_weight_array(weights["kernel"], base, "weights.kernel", spec_path, kernel_check)
     kernel = _to_keras_layout(kernel, layout)
     arrays = [kernel]
     bias_ref = weights.get("bias")
@@ -323,27 +289,57 @@ def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> Non
         else:
             if not isinstance(bias_ref, str):
                 raise SpecError(f"{spec_path}: weights.bias must name a weight file")
-            arrays.append(load_weight_array(bias_ref, base, "weights.bias", spec_path))
+            arrays.append(
+                load_weight_array(
+                    bias_ref, base, "weights.bias", spec_path, _bias_check(layer, spec_path)
+                )
+            )
     elif bias_ref is not None:
         raise SpecError(f"{spec_path}: weights.bias is given but layer.use_bias is false")
     for name, array in zip(("kernel", "bias"), arrays, strict=False):
         if not np.issubdtype(array.dtype, np.number):
             raise SpecError(f"{spec_path}: weights.{name} must be numeric, got dtype {array.dtype}")
-    expected = (*layer.kernel_size, layer.filters)
-    if kernel.shape[:4] != expected:
-        hint = (
-            " (weights.layout: torch expects (in, filters, kd, kh, kw))"
-            if layout == "keras"
-            else ""
-        )
-        raise SpecError(
-            f"{spec_path}: weights.kernel has shape {kernel.shape} in {layout} layout; "
-            f"expected {(*expected, 'in_channels')}{hint}"
-        )
     try:
         layer.set_weights(arrays)
     except ValueError as exc:
         raise SpecError(f"{spec_path}: weights: {exc}") from None
+
+
+def _kernel_check(
+    layer: Conv3DTranspose, layout: str, spec_path: Path
+) -> Callable[[tuple[int, ...]], None]:
+    """A check of a kernel file's declared shape, run before its data is read."""
+
+    def check(shape: tuple[int, ...]) -> None:
+        if len(shape) != 5:
+            raise SpecError(f"{spec_path}: weights.kernel must be 5D, got shape {shape}")
+        # torch stores (in, filters, kd, kh, kw); see _to_keras_layout.
+        keras_shape = shape if layout == "keras" else (*shape[2:], shape[1], shape[0])
+        expected = (*layer.kernel_size, layer.filters)
+        if keras_shape[:4] != expected:
+            hint = (
+                " (weights.layout: torch expects (in, filters, kd, kh, kw))"
+                if layout == "keras"
+                else ""
+            )
+            raise SpecError(
+                f"{spec_path}: weights.kernel has shape {shape} in {layout} layout; "
+                f"expected {(*expected, 'in_channels')}{hint}"
+            )
+
+    return check
+
+
+def _bias_check(layer: Conv3DTranspose, spec_path: Path) -> Callable[[tuple[int, ...]], None]:
+    """A check of a bias file's declared shape, run before its data is read."""
+
+    def check(shape: tuple[int, ...]) -> None:
+        if shape != (layer.filters,):
+            raise SpecError(
+                f"{spec_path}: weights.bias has shape {shape}; expected ({layer.filters},)"
+            )
+
+    return check
 
 
 def spec_from_layer(

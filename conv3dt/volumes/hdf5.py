@@ -16,6 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from conv3dt.hdf5_guard import Hdf5Guard, dataset_names
 from conv3dt.volumes.affine import voxel_sizes
 from conv3dt.volumes.base import (
     Box,
@@ -61,17 +62,6 @@ def split_hdf5_path(path: str) -> tuple[str, str | None]:
     if not dataset:
         return file_path, None
     return file_path, "/" + dataset.lstrip("/")
-
-
-def _dataset_names(group: h5py.Group) -> list[str]:
-    names: list[str] = []
-
-    def visit(name: str, obj: object) -> None:
-        if isinstance(obj, h5py.Dataset):
-            names.append("/" + name)
-
-    group.visititems(visit)
-    return names
 
 
 def _plain_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
@@ -134,7 +124,7 @@ class Hdf5Reader(VolumeReader):
             raise
 
     def _select(self, dataset: str | None) -> None:
-        self.datasets = _dataset_names(self._file)
+        self.datasets = dataset_names(self._file)
         listing = ", ".join(self.datasets) or "(none)"
         if dataset is None:
             if len(self.datasets) != 1:
@@ -143,11 +133,16 @@ class Hdf5Reader(VolumeReader):
                     f"choose one as {self.file_path}:/path/to/dataset; datasets: {listing}"
                 )
             dataset = self.datasets[0]
-        elif not isinstance(self._file.get(dataset), h5py.Dataset):
+        # Only data stored in this file is read: links to other files, external
+        # raw storage and virtual datasets are refused.
+        guard = Hdf5Guard(self._file, self.file_path, VolumeError)
+        node = guard.node(dataset)
+        if not isinstance(node, h5py.Dataset):
             raise VolumeError(
                 f"{self.file_path}: no dataset {dataset} in the file; datasets: {listing}"
             )
-        self._dataset = self._file[dataset]
+        guard.check_dataset(node, dataset)
+        self._dataset = node
         stored = self._dataset.dtype
         if stored.kind not in "biuf" or stored.fields is not None:
             raise VolumeError(
