@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import reprlib
@@ -56,6 +57,7 @@ _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
 # Where Keras saves a layer of class Conv3DTranspose inside a model (see _snake_case).
 _TRANSPOSE_GROUP = re.compile(r"^conv3d_transpose(_\d+)?$")
+log = logging.getLogger(__name__)
 # Keras 2 layer arguments that only describe the model's input, not the layer.
 _INPUT_HINTS = ("batch_input_shape", "input_shape", "input_dim", "batch_size")
 
@@ -125,11 +127,26 @@ def load_keras_layer(
         ``layer_name`` not a string; ``model_config`` not a model config, or
         given for a file that has its own config.
     """
+    config, weights, _ = _read_layer(path, layer_name, model_config)
+    return config, weights
+
+
+def _read_layer(
+    path: str | os.PathLike[str], layer_name: str | None, model_config: Any
+) -> tuple[dict[str, Any] | None, list[np.ndarray], str | None]:
+    """:func:`load_keras_layer`'s result and, when the model has other layers, a note saying so."""
     with _ModelFile(path, model_config) as model:
         entry = model.find(layer_name)
         weights = model.weights(entry)
+        position = model.position(entry)
     config = None if entry.config is None else _without_sharing_ids(entry.config)
-    return config, weights
+    note = None
+    if position is not None:
+        note = (
+            f"{os.fspath(path)}: only its layer {entry.qualified!r} (layer {position[0]} of "
+            f"{position[1]} in the model) is applied, not the whole model"
+        )
+    return config, weights, note
 
 
 def list_conv3d_transpose_layers(
@@ -190,7 +207,9 @@ def load_layer(
     Conv3DTranspose
         Built, with the file's weights. Keras 2 configs lose the arguments that
         only described the model's input (``batch_input_shape`` and the like)
-        and ``groups=1``, which Keras 3's layer no longer takes.
+        and ``groups=1``, which Keras 3's layer no longer takes. When the model
+        has other layers, a warning on the ``conv3dt.keras_file`` logger says
+        that only this one is applied.
 
     Raises
     ------
@@ -206,7 +225,7 @@ def load_layer(
     # dependencies are not importable.
     from conv3dt.layer import Conv3DTranspose
 
-    config, weights = load_keras_layer(path, layer_name, model_config=model_config)
+    config, weights, note = _read_layer(path, layer_name, model_config)
     if config is None:
         if layer_config is None:
             raise KerasFileError(
@@ -224,6 +243,9 @@ def load_layer(
         layer.set_weights(weights)
     except ValueError as error:
         raise KerasFileError(f"{os.fspath(path)!r}: {error}") from error
+    if note is not None:
+        # Whoever gives a whole model may expect the whole model to run.
+        log.warning("warning: %s", note)
     return layer
 
 
@@ -640,6 +662,23 @@ class _ModelFile:
             for entry in self.entries
             if entry.is_transpose
         ]
+
+    def position(self, entry: _Entry) -> tuple[int, int] | None:
+        """Where ``entry`` is among the model's computing layers: (1-based index, count).
+
+        None when it is the model's only one (input layers aside), or when the
+        model's layers are unknown (a weights file read without the model's config).
+        """
+        if entry.config is None:
+            return None
+        models = {e.qualified.rpartition("/")[0] for e in self.entries}
+        layers = [
+            e for e in self.entries if e.kind != "class InputLayer" and e.qualified not in models
+        ]
+        if len(layers) <= 1:
+            return None
+        index = next(i for i, e in enumerate(layers) if e is entry)
+        return index + 1, len(layers)
 
     def transpose_names(self) -> list[str]:
         return list(dict.fromkeys(label for label, _ in self._labels()))

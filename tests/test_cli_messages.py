@@ -88,3 +88,16 @@ def test_a_volume_of_the_wrong_rank_is_named(tmp_path, one_channel):
         "upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
     )
     _assert_clean_failure(result, 2, "flat.npy: expected a 3D volume")
+
+
+def test_a_layer_of_a_larger_model_warns_that_only_it_is_applied(tmp_path, caplog):
+    model = Path(__file__).parent / "fixtures" / "keras" / "functional.keras"
+    np.save(tmp_path / "in.npy", np.ones((4, 5, 6, 3), np.float32))
+    args = ["--keras-model", str(model), "--layer", "up_cf", "-o", str(tmp_path / "o.npy")]
+    result = _run("upsample", str(tmp_path / "in.npy"), *args)
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"warning: {model}: only its layer 'up_cf' (layer 2 of 5 in the model) is applied, "
+        "not the whole model"
+    ]
