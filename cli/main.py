@@ -155,6 +155,11 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     if quiet:
         level = logging.ERROR
     logging.basicConfig(level=level, format="conv3dt: %(message)s", stream=sys.stderr)
+    if not quiet and sys.stderr.isatty():
+        # A first run that compiles kernels sits silent for seconds otherwise.
+        from conv3dt.engine.numba_cache import COMPILE_LOGGER
+
+        logging.getLogger(COMPILE_LOGGER).setLevel(logging.INFO)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -67,6 +67,7 @@ from conv3dt.run import (
     read_tile_input,
     storage_chunks,
     upsample_file,
+    volume_engine,
 )
 from conv3dt.spec import LayerSpec
 from conv3dt.volumes import (
@@ -691,7 +692,7 @@ class TiledOutput:
             out_layout=prepared.out_layout,
             axes=plan.axes,
             dtype=self.storage_dtype,
-            engine=options.engine,
+            engine=volume_engine(spec.layer, plan.axes, batch, options.engine),
             threads=options.threads,
         )
         self.fingerprint = self._fingerprint(spec)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from conv3dt import geometry
-from conv3dt.engine import conv_transpose_region
+from conv3dt.engine import conv_transpose_region, resolve_engine
 from conv3dt.validation import (
     standardize_data_format,
     standardize_padding,
@@ -78,7 +79,9 @@ def conv3d_transpose(
     output_padding : int or 3 ints, optional
     data_format : {"channels_last", "channels_first"}
     engine : str
-        Force an engine implementation (for testing and benchmarking).
+        Force an engine implementation (for testing and benchmarking);
+        ``"auto"`` picks one for the whole call
+        (:func:`conv3dt.engine.engine_for_volume`).
 
     Returns
     -------
@@ -137,6 +140,7 @@ def conv3d_transpose(
     )
     dtype = compute_dtype_for(x, kernel)
     work_dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
+    engine = resolve_engine(engine, kernel.shape, strides_t, dilation_t, math.prod(xl.shape[:4]))
     out = conv_transpose_region(
         xl,
         kernel,

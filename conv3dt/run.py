@@ -11,6 +11,7 @@ name beside the target and renamed when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 
 from conv3dt import __version__, interrupt
 from conv3dt.dtypes import numpy_dtype
-from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region
+from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region, resolve_engine
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layer import Conv3DTranspose
 from conv3dt.layout import DiskLayout, LayoutError, disk_layout
@@ -48,6 +49,7 @@ __all__ = [
     "read_tile_input",
     "storage_chunks",
     "upsample_file",
+    "volume_engine",
 ]
 
 OUTPUT_DTYPES = ("float32", "float16", "float64", "int16", "uint8")
@@ -425,6 +427,19 @@ def read_tile_input(
     return layout.to_canonical(source.read(layout.box(sample, tile.in_start, tile.in_stop)))
 
 
+def volume_engine(
+    layer: Conv3DTranspose, axes: tuple[AxisGeometry, ...], batch: int, engine: str
+) -> str:
+    """The engine every tile of one volume is computed with (``engine`` resolved).
+
+    ``"auto"`` is resolved here, once per volume, from the volume's size: the
+    tiles of a volume must share one engine to equal the untiled result.
+    """
+    assert layer.kernel is not None
+    voxels = batch * math.prod(g.input_length for g in axes)
+    return resolve_engine(engine, layer.kernel.shape, layer.strides, layer.dilation_rate, voxels)
+
+
 def compute_tile(
     layer: Conv3DTranspose,
     axes: tuple[AxisGeometry, ...],
@@ -628,6 +643,7 @@ def upsample_file(
             writer.buffer_limit = plan.out_window_bytes
         total = in_layout.batch * int(np.prod(plan.output_shape))
         done = 0
+        engine = volume_engine(layer, plan.axes, in_layout.batch, engine)
         # A tile is computed while the one before it is written.
         buffers = TileBuffers(2)
         with writer, ThreadPoolExecutor(max_workers=2) as pool:

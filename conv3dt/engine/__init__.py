@@ -11,16 +11,19 @@ implementation:
     (:mod:`conv3dt.engine.direct_engine`). For layers with few channels, where
     the work is bound by writing the output.
 ``"numpy"``
-    One NumPy GEMM per kernel tap (:mod:`conv3dt.engine.numpy_engine`): simple,
-    slower, no compilation.
+    One NumPy product per kernel tap (:mod:`conv3dt.engine.numpy_engine`):
+    simple, slower, nothing to import or compile.
 ``"auto"``
-    :func:`choose_engine` picks one from the layer alone.
+    :func:`engine_for_volume` picks one per volume, from the layer and the
+    work the volume needs: the NumPy engine for small jobs (where importing
+    Numba and loading its compiled kernels would cost more than the whole
+    computation), else :func:`choose_engine`'s pick for the layer.
 
 Every engine adds each output voxel's terms in an order that does not depend on
 the box, so a tile computed from its input box equals the same box of the
-untiled result bit for bit. The choice of ``"auto"`` depends on the layer and
-never on the box, so the same holds for it. Numba is imported only when a
-Numba path runs. The reference implementation in
+untiled result bit for bit. Callers that compute a volume in boxes resolve
+``"auto"`` once per volume (:func:`resolve_engine`), never per box, so the same
+holds for it. Numba is imported only when a Numba path runs. The reference implementation in
 :mod:`conv3dt.engine.reference` is for tests only.
 """
 
@@ -34,7 +37,14 @@ from conv3dt.engine.buffers import check_out
 from conv3dt.engine.epilogue import FUSED_ACTIVATIONS, Epilogue
 from conv3dt.engine.numpy_engine import conv_transpose_region_numpy
 
-__all__ = ["ENGINES", "FUSED_ACTIVATIONS", "choose_engine", "conv_transpose_region"]
+__all__ = [
+    "ENGINES",
+    "FUSED_ACTIVATIONS",
+    "choose_engine",
+    "conv_transpose_region",
+    "engine_for_volume",
+    "resolve_engine",
+]
 
 ENGINES = ("auto", "gemm", "numba", "numpy")
 
@@ -80,6 +90,76 @@ def choose_engine(
     return "numba" if channels * filters <= most else "gemm"
 
 
+# The NumPy engine's cost, an upper bound fitted on the benchmark's machine
+# (benchmarks/): about 4 ns per input voxel and kernel tap (its per-tap slices and
+# scatter-adds) plus 2.5 ns per multiply-add (elementwise, channel by channel).
+_NUMPY_NS_PER_TAP_VOXEL = 4.0
+_NUMPY_NS_PER_MAC = 2.5
+# Importing Numba and loading conv3dt's compiled kernels costs about 0.8 s per
+# process (and compiling them, on a first run, 10 s or more): a volume the NumPy
+# engine finishes in less than this is computed by it.
+SMALL_JOB_SECONDS = 0.25
+
+
+def engine_for_volume(
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    input_voxels: int,
+) -> str:
+    """The engine ``"auto"`` runs for a whole volume.
+
+    Parameters
+    ----------
+    kernel_shape : five ints
+        ``(kd, kh, kw, filters, in_channels)``.
+    strides, dilation : three ints
+    input_voxels : int
+        Spatial voxels of the whole input, times its batch size.
+
+    Returns
+    -------
+    str
+        ``"numpy"`` when the NumPy engine's estimated time for the volume is at
+        most :data:`SMALL_JOB_SECONDS`, else :func:`choose_engine`'s pick.
+    """
+    taps = int(np.prod([int(k) for k in kernel_shape[:3]]))
+    pairs = int(kernel_shape[3]) * int(kernel_shape[4])
+    tap_voxels = float(taps) * float(input_voxels)
+    seconds = tap_voxels * (_NUMPY_NS_PER_TAP_VOXEL + _NUMPY_NS_PER_MAC * pairs) * 1e-9
+    if seconds <= SMALL_JOB_SECONDS:
+        return "numpy"
+    return choose_engine(kernel_shape, strides, dilation)
+
+
+def resolve_engine(
+    engine: str,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int],
+    input_voxels: int,
+) -> str:
+    """``engine`` itself, or for ``"auto"`` the engine :func:`engine_for_volume` picks.
+
+    Resolve once per volume and pass the result to every box of it: a volume's
+    boxes must all be computed by one engine for tiles to equal the untiled
+    result bit for bit.
+
+    Raises
+    ------
+    ValueError
+        On an unknown ``engine``.
+    """
+    if engine not in ENGINES:
+        raise ValueError(
+            f"The `engine` argument must be one of {', '.join(ENGINES)}. "
+            f"Received: engine={engine!r}"
+        )
+    if engine != "auto":
+        return engine
+    return engine_for_volume(kernel_shape, strides, dilation, input_voxels)
+
+
 def conv_transpose_region(
     x: np.ndarray,
     kernel: np.ndarray,
@@ -112,7 +192,9 @@ def conv_transpose_region(
     compute_dtype : dtype
         Accumulation and result dtype.
     engine : {"auto", "gemm", "numba", "numpy"}
-        Force an implementation; "auto" picks one per layer (:func:`choose_engine`).
+        The implementation; "auto" picks one per layer (:func:`choose_engine`).
+        Callers computing a volume box by box pass :func:`resolve_engine`'s
+        pick for the whole volume instead.
     bias : ndarray, shape (filters,), optional
         Added to the finished sum, in ``compute_dtype``.
     activation : str

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from conv3dt.engine import numba_cache
+
 __all__ = [
     "UPSAMPLE_FIXED",
     "direct_region",
@@ -63,7 +65,7 @@ def _finish_run(a: np.ndarray, bias: np.ndarray, limits: np.ndarray, code: int) 
             a[i] = zero if v < zero else (six if v > six else v)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def gather_rows(
     src: np.ndarray,
     first: int,
@@ -128,7 +130,7 @@ def gather_rows(
         i += run
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True)
 def scatter_rows(
     g: np.ndarray,
     first: int,
@@ -194,7 +196,7 @@ def scatter_rows(
         i += run
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)
 def direct_region(
     x: np.ndarray,
     w: np.ndarray,
@@ -400,7 +402,7 @@ def _upsample_rows(
                 )
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)
 def upsample_rows(
     width: int,
     x: np.ndarray,
@@ -419,7 +421,7 @@ def upsample_rows(
 
 # The same compiled for one width each: a constant trip count lets LLVM vectorize
 # the row loop with interleaved stores.
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)
 def upsample_rows_2(
     x: np.ndarray,
     w: np.ndarray,
@@ -435,7 +437,7 @@ def upsample_rows_2(
     _upsample_rows(2, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)
 def upsample_rows_4(
     x: np.ndarray,
     w: np.ndarray,
@@ -451,7 +453,7 @@ def upsample_rows_4(
     _upsample_rows(4, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True)
 def upsample_rows_8(
     x: np.ndarray,
     w: np.ndarray,
@@ -468,3 +470,9 @@ def upsample_rows_8(
 
 
 UPSAMPLE_FIXED = {2: upsample_rows_2, 4: upsample_rows_4, 8: upsample_rows_8}
+
+# Compiled code is kept in the user's cache folder, never beside this file.
+numba_cache.enable_cache(
+    [gather_rows, scatter_rows, direct_region, upsample_rows, *UPSAMPLE_FIXED.values()]
+)
+numba_cache.announce_compiles()

@@ -1,8 +1,8 @@
-"""Vectorized NumPy engine: one GEMM per kernel tap, scattered at the stride.
+"""Vectorized NumPy engine: one product per kernel tap, scattered at the stride.
 
-Taps are added in a fixed order, and every GEMM runs on blocks of a fixed
-number of rows (a BLAS may sum differently for a different row count), so a
-tile's values equal the untiled ones bit for bit.
+Taps are added in a fixed order, and each tap's product sums the channels in a
+fixed order with elementwise operations (:func:`channel_products`), so a tile's
+values equal the untiled ones bit for bit.
 """
 
 from __future__ import annotations
@@ -14,23 +14,21 @@ import numpy as np
 from conv3dt.engine.buffers import result_array
 from conv3dt.engine.epilogue import Epilogue
 
-__all__ = ["conv_transpose_region_numpy", "stable_matmul", "tap_slices"]
-
-_ROWS = 256
+__all__ = ["channel_products", "conv_transpose_region_numpy", "tap_slices"]
 
 
-def stable_matmul(a: np.ndarray, b: np.ndarray, rows: int = _ROWS) -> np.ndarray:
-    """``a @ b`` for 2D ``a``, computed as GEMMs of exactly ``rows`` rows each.
+def channel_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for 2D ``a``, summed channel by channel in ascending order.
 
-    Each result row then depends on that row of ``a`` only, not on how many
-    rows ``a`` has or where the row sits.
+    Each result row is computed from that row of ``a`` alone by the same
+    elementwise multiplies and adds, so its bits never depend on how many rows
+    ``a`` has or where the row sits. BLAS gives no such promise: an OpenBLAS
+    GEMM may round a row differently depending on its position in the matrix.
     """
-    m, k = a.shape
-    blocks = -(-m // rows)
-    padded = np.zeros((blocks * rows, k), dtype=a.dtype)
-    padded[:m] = a
-    result = np.matmul(padded.reshape(blocks, rows, k), np.ascontiguousarray(b))
-    return result.reshape(blocks * rows, -1)[:m]
+    result = a[:, :1] * b[:1]
+    for c in range(1, a.shape[1]):
+        result += a[:, c : c + 1] * b[c : c + 1]
+    return result
 
 
 def tap_slices(
@@ -133,5 +131,5 @@ def _sum_taps(
         for t1, s1, d1 in per_axis[1]:
             for t2, s2, d2 in per_axis[2]:
                 src = xc[:, s0, s1, s2, :]
-                contribution = stable_matmul(src.reshape(-1, src.shape[-1]), kc[t0, t1, t2].T)
+                contribution = channel_products(src.reshape(-1, src.shape[-1]), kc[t0, t1, t2].T)
                 out[:, d0, d1, d2, :] += contribution.reshape(*src.shape[:-1], filters)
