@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from conv3dt.validation import excerpt
+
 __all__ = [
     "FORMAT_EXTENSIONS",
+    "NAME_FIELDS",
     "BatchError",
     "Job",
+    "check_name_template",
     "expand_inputs",
     "format_of",
     "plan_jobs",
@@ -27,6 +33,17 @@ _FORMATS = {
     ".hdf5": "hdf5",
     ".zarr": "zarr",
 }
+
+
+#: The fields a ``--name`` template may use.
+NAME_FIELDS = ("stem", "ext", "name", "index", "dataset")
+# A file name is at most 255 bytes: no width or precision needs more.
+_MAX_FORMAT_NUMBER = 255
+# Python's format specification mini-language, without nested fields.
+_FORMAT_SPEC = re.compile(
+    r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d+)?[_,]?(?:\.(?P<precision>\d+))?[bcdeEfFgGnosxX%]?",
+    re.DOTALL,
+)
 
 
 class BatchError(ValueError):
@@ -128,6 +145,38 @@ def expand_inputs(items: list[str]) -> list[str]:
     return unique
 
 
+def check_name_template(template: str) -> None:
+    """Refuse a ``--name`` template before anything is formatted with it.
+
+    Only the fields :func:`plan_jobs` fills are allowed, without attribute or
+    index lookups, and format widths and precisions stay within a file name's
+    length: ``{index:>2000000000}`` would otherwise build a 2 GB string.
+
+    Raises
+    ------
+    BatchError
+        Naming the template (a bounded excerpt) and what is wrong with it.
+    """
+    shown = excerpt(template)
+    fields = ", ".join(f"{{{name}}}" for name in NAME_FIELDS)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise BatchError(f"--name {shown}: {exc}") from None
+    for _text, field, spec, _conversion in parts:
+        if field is None:
+            continue
+        if field not in NAME_FIELDS:
+            raise BatchError(f"--name {shown}: unknown field {excerpt(field)}; use {fields}")
+        match = _FORMAT_SPEC.fullmatch(spec or "")
+        numbers = [] if match is None else [n for n in match.group("width", "precision") if n]
+        if match is None or any(len(n) > 3 or int(n) > _MAX_FORMAT_NUMBER for n in numbers):
+            raise BatchError(
+                f"--name {shown}: format {excerpt(spec)} of {{{field}}} is not a plain format "
+                f"with width and precision up to {_MAX_FORMAT_NUMBER}"
+            )
+
+
 def plan_jobs(
     inputs: list[str],
     *,
@@ -157,6 +206,7 @@ def plan_jobs(
         jobs.append(Job(inputs[0], output))
     else:
         assert output_dir is not None
+        check_name_template(name_template)
         for index, path in enumerate(inputs):
             if path == "-":
                 raise BatchError("stdin ('-') needs -o/--output")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from conv3dt.dtypes import numpy_dtype
 from conv3dt.layer import _ALLOWED_KWARGS, _IGNORED_KWARGS, Conv3DTranspose
+from conv3dt.plan import available_memory, format_bytes
+from conv3dt.validation import excerpt, weight_count
 from conv3dt.weight_files import read_weight_array
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 _TOP_KEYS = ("layer", "weights", "seed")
+# Nodes a spec may expand to through YAML aliases; a spec has a few dozen.
+_YAML_NODE_BUDGET = 10_000
 _WEIGHT_KEYS = ("kernel", "bias", "layout")
 _LAYER_KEYS = (
     *(
@@ -120,6 +126,17 @@ class LayerSpec:
                     four_d,
                 )
             return
+        count = math.prod(layer.kernel_shape(in_channels))
+        nbytes = count * max(numpy_dtype(layer.dtype).itemsize, 4)
+        available = available_memory()
+        if nbytes > available:
+            # No tile plan helps: every tile needs the whole kernel.
+            raise SpecError(
+                f"{self.source}: kernel_size={layer.kernel_size} and "
+                f"filters={excerpt(layer.filters)} with {in_channels} input channel(s) make a "
+                f"kernel of {weight_count(count)} weights ({format_bytes(nbytes)}), more than "
+                f"the memory available ({format_bytes(available)})"
+            )
         shape = (
             (1, 1, 1, 1, in_channels)
             if layer.data_format == "channels_last"
@@ -141,9 +158,42 @@ def _unknown_keys(given: Iterable[Any], known: Sequence[str]) -> tuple[str, bool
     suggested = 0
     for key in unknown:
         close = difflib.get_close_matches(str(key), known, n=1)
-        parts.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        parts.append(f"{excerpt(key)} (did you mean {close[0]!r}?)" if close else excerpt(key))
         suggested += bool(close)
     return ", ".join(parts), suggested == len(unknown)
+
+
+class _AliasBomb(yaml.YAMLError):
+    """A YAML document whose aliases expand it past :data:`_YAML_NODE_BUDGET` nodes."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader that refuses documents whose aliases expand too far.
+
+    An alias shares its anchor's node, so a few hundred bytes can describe a
+    tree of billions of nodes; whatever walks the result (a copy of the
+    config, a value echoed in a message) pays for the whole tree. Each node's
+    expanded size is counted as it is composed, an alias counting its anchor's
+    whole size again, and composition stops once a node exceeds the budget.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        node = super().compose_node(parent, index)
+        if id(node) in self._sizes:  # an alias: its anchor is already counted
+            return node
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes[id(item)] for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
+        if size > _YAML_NODE_BUDGET:
+            raise _AliasBomb()
+        self._sizes[id(node)] = size
+        return node
 
 
 def _read_document(path: Path) -> Any:
@@ -159,7 +209,13 @@ def _read_document(path: Path) -> Any:
         except json.JSONDecodeError as exc:
             raise SpecError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
     try:
-        return yaml.safe_load(text)
+        # A SafeLoader subclass: yaml.safe_load's tags and nothing more.
+        return yaml.load(text, Loader=_BoundedLoader)
+    except _AliasBomb:
+        raise SpecError(
+            f"{path}: YAML aliases expand the document past {_YAML_NODE_BUDGET} nodes; "
+            "refused (a spec needs a few dozen)"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -249,7 +305,9 @@ def load_spec(path: str | os.PathLike) -> LayerSpec:
         raise SpecError(f"{spec_path}: unknown key(s) {listing} in 'layer'{expected}")
     seed = document.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise SpecError(f"{spec_path}: field 'seed' must be a non-negative integer, got {seed!r}")
+        raise SpecError(
+            f"{spec_path}: field 'seed' must be a non-negative integer, got {excerpt(seed)}"
+        )
     if "filters" not in config or "kernel_size" not in config:
         raise SpecError(f"{spec_path}: field 'layer' needs 'filters' and 'kernel_size'")
     try:
@@ -274,7 +332,9 @@ def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> Non
         )
     layout = weights.get("layout", "keras")
     if layout not in ("keras", "torch"):
-        raise SpecError(f"{spec_path}: weights.layout must be 'keras' or 'torch', got {layout!r}")
+        raise SpecError(
+            f"{spec_path}: weights.layout must be 'keras' or 'torch', got {excerpt(layout)}"
+        )
     if not isinstance(weights.get("kernel"), str):
         raise SpecError(f"{spec_path}: weights.kernel must name a weight file")
     base = spec_path.parent
