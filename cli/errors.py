@@ -18,6 +18,7 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_INVALID",
+    "CommandError",
     "exit_code_for",
     "message_for",
     "reporting",
@@ -26,6 +27,16 @@ __all__ = [
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A request refused before any work for what it asks, not for how it is written.
+
+    Shown in one line like the library's errors, without Click's pointer to
+    ``--help``, and exits with code 2.
+    """
+
+    exit_code = EXIT_INVALID
 
 
 def exit_code_for(error: BaseException) -> int:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import click
+from conv3dt_cli.errors import CommandError
 
 
 def _triple(text: str | None, option: str) -> int | list[int] | None:
@@ -71,7 +72,7 @@ def write_spec(
     targets = [p for p in (path, kernel_path, bias_path) if p is not None]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not overwrite:
-        raise click.UsageError(f"{', '.join(existing)} exist(s); use --overwrite to replace")
+        raise CommandError(f"{', '.join(existing)} exist(s); give --overwrite to replace them")
     layer = Conv3DTranspose(
         filters,
         _triple(kernel_size, "--kernel-size"),

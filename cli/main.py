@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import click
@@ -146,6 +147,47 @@ def _stored_config(keras_model: str, layer_name: str | None) -> Any:
     return load_keras_layer(keras_model, layer_name)[0]
 
 
+class _OneLineError(click.ClickException):
+    """A Click error shown as ``conv3dt: error: ...``, like every other error."""
+
+    def __init__(self, error: click.ClickException) -> None:
+        super().__init__(error.format_message())
+        self.exit_code = error.exit_code
+        ctx = getattr(error, "ctx", None)
+        self.hint = f"see '{ctx.command_path} --help'" if ctx is not None else None
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"conv3dt: error: {self.format_message()}", file=file, err=file is None)
+        if self.hint is not None:
+            click.echo(f"  {self.hint}", file=file, err=file is None)
+
+
+# Click 8.2 and later show a group's help through this "error" when no command is given.
+_HELP_SHOWN = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    try:
+        yield
+    except (_OneLineError, _HELP_SHOWN):
+        raise
+    except click.ClickException as error:
+        raise _OneLineError(error) from error
+
+
+class _Main(click.Group):
+    """The command group, its and its commands' Click errors in conv3dt's one style."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_errors():
+            return super().invoke(ctx)
+
+
 def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING
     if verbose == 1:
@@ -162,7 +204,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(COMPILE_LOGGER).setLevel(logging.INFO)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     version=None, package_name="conv3dt", prog_name="conv3dt", message="%(prog)s %(version)s"
 )

@@ -126,7 +126,7 @@ def run_upsample(
         try:
             os.makedirs(output_dir, exist_ok=True)
         except OSError as exc:
-            raise click.UsageError(
+            raise errors.CommandError(
                 f"--output-dir {output_dir}: cannot create it ({exc.strerror})"
             ) from None
     todo = []
@@ -136,8 +136,8 @@ def run_upsample(
                 log.info("skipping %s: %s exists", job.input, job.output)
                 continue
             if not overwrite:
-                raise click.UsageError(
-                    f"{job.output} exists; use --overwrite to replace it "
+                raise errors.CommandError(
+                    f"{job.output} exists; give --overwrite to replace it "
                     "or --skip-existing to keep it"
                 )
         todo.append(job)

@@ -20,21 +20,23 @@ external links, external and virtual datasets are refused, as Keras refuses them
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import re
 import reprlib
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from conv3dt.hdf5_guard import Hdf5Guard
+from conv3dt.weight_files import check_zip_member
 
 if TYPE_CHECKING:
     from conv3dt.layer import Conv3DTranspose
@@ -55,6 +57,10 @@ _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # A config larger than this is not a model config; refusing it keeps a
 # malicious archive from exhausting memory.
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
+# A compressed weights member is inflated into a temporary file kept in memory
+# up to this size, in pieces of the second.
+_SPOOL_BYTES = 64 * 1024 * 1024
+_COPY_BYTES = 1024 * 1024
 # Where Keras saves a layer of class Conv3DTranspose inside a model (see _snake_case).
 _TRANSPOSE_GROUP = re.compile(r"^conv3d_transpose(_\d+)?$")
 log = logging.getLogger(__name__)
@@ -584,11 +590,11 @@ class _ModelFile:
                 f"{self.where} is a zip archive without {_CONFIG_MEMBER}: not a .keras model."
             )
         self._refuse_model_config()
-        info = archive.getinfo(_CONFIG_MEMBER)
-        if info.file_size > _MAX_CONFIG_BYTES:
-            raise KerasFileError(
-                f"{self.where}: {_CONFIG_MEMBER} is {info.file_size} bytes; refused as too large."
-            )
+        # zipfile never inflates a member past its declared size: checking the
+        # declared sizes before reading bounds what a hostile archive can cost.
+        check_zip_member(
+            archive.getinfo(_CONFIG_MEMBER), self.where, KerasFileError, _MAX_CONFIG_BYTES
+        )
         raw = self._archive_read(archive, _CONFIG_MEMBER)
         config = _read_json(raw, f"{self.where}: {_CONFIG_MEMBER}")
         self.entries = _model_entries(config)
@@ -601,12 +607,20 @@ class _ModelFile:
                 else f"it has no {_WEIGHTS_MEMBER}"
             )
             raise KerasFileError(f"{self.where}: {detail}.")
+        info = archive.getinfo(_WEIGHTS_MEMBER)
+        check_zip_member(info, self.where, KerasFileError)
         try:
-            if archive.getinfo(_WEIGHTS_MEMBER).compress_type == zipfile.ZIP_STORED:
+            if info.compress_type == zipfile.ZIP_STORED:
                 # Keras stores the weights uncompressed: read them in place.
-                member: io.IOBase = self._stack.enter_context(archive.open(_WEIGHTS_MEMBER))
+                member: IO[bytes] = self._stack.enter_context(archive.open(info))
             else:
-                member = io.BytesIO(self._archive_read(archive, _WEIGHTS_MEMBER))
+                # Inflated in pieces into a file that spills to disk, not into memory.
+                member = self._stack.enter_context(
+                    tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+                )
+                with archive.open(info) as stream:
+                    shutil.copyfileobj(stream, member, _COPY_BYTES)
+                member.seek(0)
             weights = self._stack.enter_context(h5py.File(member, "r"))
         except (OSError, zipfile.BadZipFile, EOFError, ValueError) as error:
             raise KerasFileError(

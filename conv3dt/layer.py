@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 import operator
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +16,13 @@ from conv3dt import activations, constraints, initializers, regularizers
 from conv3dt.dtypes import DTypePolicy, get_policy, numpy_dtype
 from conv3dt.geometry import AxisGeometry
 from conv3dt.ops import conv3d_transpose, layer_geometry
-from conv3dt.validation import standardize_data_format, standardize_padding, standardize_tuple
+from conv3dt.validation import (
+    excerpt,
+    standardize_data_format,
+    standardize_padding,
+    standardize_tuple,
+    weight_count,
+)
 
 __all__ = ["Conv3DTranspose", "Convolution3DTranspose"]
 
@@ -35,7 +43,7 @@ def _check_filters(filters: Any) -> int:
     except TypeError:
         raise ValueError(
             f"Invalid value for argument `filters`. Expected a strictly positive integer. "
-            f"Received filters={filters!r}."
+            f"Received filters={excerpt(filters)}."
         ) from None
     if value <= 0:
         raise ValueError(
@@ -250,8 +258,17 @@ class Conv3DTranspose:
                 f"Received input shape {input_shape} with data_format='{self.data_format}'."
             )
         dtype = numpy_dtype(self.dtype)
+        kernel_shape = self.kernel_shape(int(channels))
+        # Python ints: the product of absurd sizes must not wrap before it is compared.
+        count = math.prod(kernel_shape)
+        if count * max(dtype.itemsize, 4) > sys.maxsize:
+            raise ValueError(
+                f"Conv3DTranspose '{self.name}': kernel_size={self.kernel_size} and "
+                f"filters={excerpt(self.filters)} with {channels} input channel(s) make a kernel "
+                f"of {weight_count(count)} weights, more than any array can hold."
+            )
         kernel_initializer = self.kernel_initializer or initializers.get("glorot_uniform")
-        kernel = kernel_initializer(self.kernel_shape(int(channels)), dtype="float32", seed=seed)
+        kernel = kernel_initializer(kernel_shape, dtype="float32", seed=seed)
         self.kernel = np.asarray(kernel).astype(dtype)
         if self.use_bias:
             bias_seed = None if seed is None else seed + 1

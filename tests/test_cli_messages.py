@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -101,3 +102,31 @@ def test_a_layer_of_a_larger_model_warns_that_only_it_is_applied(tmp_path, caplo
         f"warning: {model}: only its layer 'up_cf' (layer 2 of 5 in the model) is applied, "
         "not the whole model"
     ]
+
+
+def _lines(result) -> list[str]:
+    return [line for line in result.output.strip().splitlines() if line.strip()]
+
+
+def test_an_existing_output_is_one_line_without_usage(tmp_path, one_channel):
+    spec, volume = one_channel
+    (tmp_path / "o.npy").write_bytes(b"keep")
+    result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
+    assert result.exit_code == 2
+    assert _lines(result) == [
+        f"conv3dt: error: {tmp_path / 'o.npy'} exists; give --overwrite to replace it "
+        "or --skip-existing to keep it"
+    ]
+
+
+def test_command_line_mistakes_use_the_same_style(tmp_path, one_channel):
+    spec, volume = one_channel
+    result = _run("upsample", str(volume), "--sped", str(spec), "-o", str(tmp_path / "o.npy"))
+    assert result.exit_code == 2
+    first, second = _lines(result)
+    assert first == (
+        "conv3dt: error: No such option '--sped'. (Did you mean one of: '--seed', '--shard', "
+        "'--spec'?)"
+    )
+    # The program's name is the runner's here, "conv3dt" when installed.
+    assert re.fullmatch(r"  see '\S+ upsample --help'", second)

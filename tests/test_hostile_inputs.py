@@ -7,7 +7,11 @@ sizes wrap around.
 
 from __future__ import annotations
 
+import io
 import json
+import tracemalloc
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -16,8 +20,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from conv3dt_cli.main import main
+from numpy.lib import format as npformat
 
 from conv3dt import Conv3DTranspose
+from conv3dt.keras_file import load_keras_layer
+from conv3dt.spec import load_spec
 
 KERNEL_SHAPE = (3, 3, 3, 2, 1)
 
@@ -132,3 +139,156 @@ def test_soft_link_inside_the_file_is_followed(tmp_path: Path) -> None:
         _run("upsample", f"{path}:/group/volume", "--spec", spec, "-o", str(direct)).exit_code == 0
     )
     np.testing.assert_array_equal(np.load(out), np.load(direct))
+
+
+# -- 2. Bombs: sizes are checked from headers before anything is read ------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "keras"
+BOMB_BYTES = 100 << 20  # inflates to 100 MiB; about 100 KiB on disk
+
+
+def _write_zeros(archive: zipfile.ZipFile, name: str, head: bytes, nbytes: int) -> None:
+    """A deflated member of ``head`` then zeros up to ``nbytes``, written in pieces."""
+    piece = bytes(1 << 20)
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w", force_zip64=True) as member:
+        member.write(head)
+        left = nbytes - len(head)
+        while left > 0:
+            member.write(piece[: min(left, len(piece))])
+            left -= len(piece)
+
+
+def _keras_bomb(tmp_path: Path) -> Path:
+    path = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(FIXTURES / "sequential.keras") as source:
+        config = source.read("config.json")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", config)
+        _write_zeros(archive, "model.weights.h5", b"\x89HDF\r\n\x1a\n", BOMB_BYTES)
+    return path
+
+
+def _peak_traced(function: Callable[[], object]) -> int:
+    """Most bytes Python and NumPy held at once while ``function`` ran (it must raise)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError):
+            function()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_keras_weights_member_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
+    bomb = _keras_bomb(tmp_path)
+    assert bomb.stat().st_size < BOMB_BYTES // 100
+    assert _peak_traced(lambda: load_keras_layer(bomb)) < BOMB_BYTES // 10
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--keras-model", str(bomb), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "bomb.keras", "model.weights.h5", str(BOMB_BYTES))
+
+
+def _npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    npformat.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def test_npz_member_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
+    # A kernel of the layer's shape for 2**20 input channels, all zeros.
+    shape = (*KERNEL_SHAPE[:4], BOMB_BYTES // (4 * 54))
+    path = tmp_path / "weights.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        head = _npy_header(shape)
+        _write_zeros(archive, "kernel.npy", head, len(head) + 4 * int(np.prod(shape)))
+    spec = _spec(tmp_path, {"kernel": "weights.npz:kernel"})
+    assert _peak_traced(lambda: load_spec(spec)) < BOMB_BYTES // 10
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--spec", str(spec), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "weights.kernel", "weights.npz", "kernel.npy")
+
+
+def test_npz_header_larger_than_its_member_is_refused(tmp_path: Path) -> None:
+    shape = (*KERNEL_SHAPE[:4], 1 << 24)  # 217 MB declared in a member of a few bytes
+    path = tmp_path / "weights.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("kernel.npy", _npy_header(shape) + bytes(64))
+    spec = _spec(tmp_path, {"kernel": "weights.npz:kernel"})
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--spec", str(spec), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "weights.kernel", "weights.npz", str(shape))
+
+
+def _alias_bomb(levels: int) -> str:
+    """``kernel_size`` as nested aliases: 9**levels strings from a few hundred bytes."""
+    anchors = ["&a0 [" + ", ".join(["lol"] * 9) + "]"]
+    for level in range(1, levels):
+        anchors.append(f"&a{level} [" + ", ".join([f"*a{level - 1}"] * 9) + "]")
+    return "layer:\n  filters: 2\n  kernel_size: [" + ", ".join(anchors) + "]\n"
+
+
+def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(_alias_bomb(6))  # 531441 strings; echoed whole, 4 MB of message
+    assert len(spec.read_bytes()) < 500
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--spec", str(spec), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "bomb.yaml", "aliases")
+    assert len(result.output) < 300
+
+
+def test_yaml_aliases_within_the_budget_still_load(tmp_path: Path) -> None:
+    spec = tmp_path / "aliases.yaml"
+    spec.write_text("layer:\n  filters: 2\n  kernel_size: &k 3\n  strides: *k\n")
+    layer = load_spec(spec).layer
+    assert layer.kernel_size == (3, 3, 3) and layer.strides == (3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("padding", "s" * 100_000), ("kernel_size", [[1] * 1000] * 1000), ("filters", "9" * 100_000)],
+)
+def test_long_values_are_echoed_as_short_excerpts(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    config = json.loads(json.dumps(_layer().get_config()))
+    config[field] = value
+    spec = tmp_path / "long.json"
+    spec.write_text(json.dumps({"layer": config}))
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--spec", str(spec), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "long.json", field)
+    assert len(result.output) < 400
+
+
+@pytest.mark.parametrize(
+    ("template", "needle"),
+    [
+        ("{index:>100000}", "255"),
+        ("{index:.100000f}", "255"),
+        ("{stem.__class__}", "unknown field"),
+        ("{stem[0]}", "unknown field"),
+        ("{stem:{index}}", "{stem}"),
+    ],
+)
+def test_name_templates_are_checked_before_formatting(
+    tmp_path: Path, template: str, needle: str
+) -> None:
+    out_dir = tmp_path / "out"
+    result = _run(
+        "upsample",
+        str(_volume(tmp_path)),
+        "--spec",
+        str(_spec(tmp_path)),
+        "--output-dir",
+        str(out_dir),
+        "--name",
+        template,
+    )
+    assert result.exit_code == 2, result.output
+    assert "--name" in result.output and needle in result.output, result.output
+    assert len(result.output) < 300
+    assert not out_dir.exists() or not any(out_dir.iterdir())
