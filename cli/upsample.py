@@ -97,6 +97,7 @@ def run_upsample(
     from conv3dt.plan import parse_memory
     from conv3dt.run import upsample_file
 
+    _check_streams(inputs, output, input_format, output_format)
     on_cluster = dask_address is not None or dask_scheduler_file is not None
     if on_cluster:
         _check_cluster_options(dask_address, dask_scheduler_file)
@@ -219,6 +220,24 @@ def run_upsample(
     if files_bar is not None:
         files_bar.close()
     return _summary(failures, len(todo))
+
+
+def _check_streams(
+    inputs: list[str], output: str | None, input_format: str | None, output_format: str | None
+) -> None:
+    """Refuse what ``-`` (an .npy stream on stdin or stdout) cannot do, before any work."""
+    if "-" in inputs and input_format not in (None, "npy"):
+        raise click.UsageError(
+            f"stdin ('-') takes an .npy stream only, not --input-format {input_format}; "
+            "give the file path instead"
+        )
+    if output != "-":
+        return
+    if output_format not in (None, "npy"):
+        raise click.UsageError(
+            f"-o - writes an .npy stream only, not --output-format {output_format}; "
+            "give a file name instead"
+        )
 
 
 def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:

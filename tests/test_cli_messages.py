@@ -8,6 +8,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from conv3dt_cli.main import main
 from test_cli import _assert_clean_failure, _run, _spec
 
 from conv3dt import Conv3DTranspose
@@ -130,3 +132,32 @@ def test_command_line_mistakes_use_the_same_style(tmp_path, one_channel):
     )
     # The program's name is the runner's here, "conv3dt" when installed.
     assert re.fullmatch(r"  see '\S+ upsample --help'", second)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("three.nii.gz", "gzip (a .nii.gz?)"), ("three.nii", "NIfTI")]
+)
+def test_stdin_names_what_it_got_instead_of_npy(tmp_path, one_channel, name, kind):
+    spec, _ = one_channel
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / name)
+    result = CliRunner().invoke(
+        main,
+        ["upsample", "-", "--spec", str(spec), "-o", str(tmp_path / "o.npy")],
+        input=(tmp_path / name).read_bytes(),
+    )
+    _assert_clean_failure(
+        result,
+        2,
+        f"stdin takes an .npy stream only; got {kind} data: give the file path instead",
+    )
+
+
+def test_stdin_with_another_format_names_the_option(tmp_path, one_channel):
+    spec, volume = one_channel
+    result = CliRunner().invoke(
+        main,
+        ["upsample", "-", "--input-format", "nifti", "--spec", str(spec), "-o", "o.npy"],
+        input=volume.read_bytes(),
+    )
+    _assert_clean_failure(result, 2, "stdin ('-') takes an .npy stream only", "--input-format")
+    assert "`format`" not in result.output

@@ -29,6 +29,16 @@ from conv3dt.volumes.base import (
 
 __all__ = ["NpyReader", "NpyStreamReader", "NpyStreamWriter", "NpyWriter"]
 
+# How the files people pipe in by mistake begin (a NIfTI header begins with its size).
+_OTHER_FORMATS = (
+    (b"\x1f\x8b", "gzip (a .nii.gz?)"),
+    (b"\x5c\x01\x00\x00", "NIfTI"),
+    (b"\x00\x00\x01\x5c", "NIfTI"),
+    (b"\x1c\x02\x00\x00", "NIfTI-2"),
+    (b"\x00\x00\x02\x1c", "NIfTI-2"),
+    (b"\x89HDF\r\n\x1a\n", "HDF5"),
+)
+
 
 def _check_dtype(dtype: np.dtype, label: str) -> None:
     if dtype.hasobject:
@@ -123,9 +133,15 @@ class NpyStreamReader(VolumeReader):
         source = sys.stdin.buffer if stream is None else stream
         try:
             data = source.read()
-            array = npformat.read_array(io.BytesIO(data), allow_pickle=False)
+            other = next((name for magic, name in _OTHER_FORMATS if data.startswith(magic)), None)
+            array = None if other else npformat.read_array(io.BytesIO(data), allow_pickle=False)
         except Exception as exc:  # numpy's header parser raises several types on garbage
             raise VolumeError(f"{label}: not a valid .npy stream: {exc}") from None
+        if array is None:
+            raise VolumeError(
+                f"{'stdin' if path == '-' else label} takes an .npy stream only; got {other} "
+                "data: give the file path instead"
+            )
         _check_dtype(array.dtype, label)
         self._array = array
         self.shape = array.shape
