@@ -21,6 +21,8 @@ log = logging.getLogger("conv3dt")
 
 _FORMATS = click.Choice(["npy", "nifti", "hdf5", "zarr"])
 _OUTPUT_DTYPES = click.Choice(["float32", "float16", "float64", "int16", "uint8"])
+# conv3dt.engine.ENGINES, written out so that --help does not import the engines.
+_ENGINES = click.Choice(["auto", "gemm", "numba", "numpy"])
 
 
 def _version() -> str:
@@ -265,6 +267,7 @@ def main() -> None:
 @click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 output compression.")
 @click.option(
     "--engine",
+    type=_ENGINES,
     default="auto",
     show_default=True,
     help="Force an engine implementation (auto picks per layer and shape).",

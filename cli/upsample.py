@@ -93,7 +93,6 @@ def run_upsample(
 ) -> int:
     """Process every input (or this shard's); return the exit code."""
     from conv3dt.batch import expand_inputs, output_exists, plan_jobs
-    from conv3dt.engine import ENGINES
     from conv3dt.plan import parse_memory
     from conv3dt.run import upsample_file
 
@@ -102,8 +101,6 @@ def run_upsample(
     if on_cluster:
         _check_cluster_options(dask_address, dask_scheduler_file)
     chosen_shard = _parse_shard(shard, output_dir)
-    if engine not in ENGINES:
-        raise click.BadParameter(f"expected one of {', '.join(ENGINES)}", param_hint="--engine")
     limit = None
     if memory_limit is not None:
         try:
@@ -118,6 +115,8 @@ def run_upsample(
         name_template=name_template,
         output_format=output_format,
     )
+    if output_format is None:
+        _check_output_extensions(jobs)
     if chosen_shard is not None:
         jobs = _select_shard(jobs, *chosen_shard)
     if on_cluster and any("-" in (job.input, job.output) for job in jobs):
@@ -222,6 +221,11 @@ def run_upsample(
     return _summary(failures, len(todo))
 
 
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (one function, for tests to stand in for one)."""
+    return stream.isatty()
+
+
 def _check_streams(
     inputs: list[str], output: str | None, input_format: str | None, output_format: str | None
 ) -> None:
@@ -238,6 +242,23 @@ def _check_streams(
             f"-o - writes an .npy stream only, not --output-format {output_format}; "
             "give a file name instead"
         )
+    if _is_terminal(sys.stdout):
+        raise click.UsageError(
+            "-o - writes binary .npy data to stdout, which is a terminal; redirect it "
+            "(> out.npy), pipe it into a command, or give a file name"
+        )
+
+
+def _check_output_extensions(jobs: list[Any]) -> None:
+    """Without --output-format, every output's extension must name its format."""
+    from conv3dt.batch import format_of
+
+    for job in jobs:
+        if job.output != "-" and format_of(job.output) is None:
+            raise click.UsageError(
+                f"{job.output}: no volume format has this extension; name it .npy, .nii, "
+                ".nii.gz, .h5, .hdf5 or .zarr, or give --output-format"
+            )
 
 
 def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:

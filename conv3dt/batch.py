@@ -189,7 +189,9 @@ def plan_jobs(
 
     Template fields: ``{stem}`` (file name without extension), ``{ext}`` (the
     input's extension, or the output format's), ``{name}`` (the whole file
-    name) and ``{index}`` (position in the batch, from 0).
+    name), ``{index}`` (position in the batch, from 0) and ``{dataset}`` (the
+    HDF5 dataset an input names after ``:``, its ``/`` replaced by ``_``, empty
+    for other inputs).
 
     Raises
     ------
@@ -215,12 +217,16 @@ def plan_jobs(
                 ext = FORMAT_EXTENSIONS[output_format]
             try:
                 name = name_template.format(
-                    stem=stem, ext=ext, name=os.path.basename(_strip_dataset(path)), index=index
+                    stem=stem,
+                    ext=ext,
+                    name=os.path.basename(_strip_dataset(path)),
+                    index=index,
+                    dataset=path[len(_strip_dataset(path)) + 1 :].strip("/").replace("/", "_"),
                 )
             except (KeyError, IndexError, ValueError) as exc:
                 raise BatchError(
                     f"--name {name_template!r}: unknown field {exc}; use {{stem}}, {{ext}}, "
-                    "{name} or {index}"
+                    "{name}, {index} or {dataset}"
                 ) from None
             if not name or os.sep in name:
                 raise BatchError(f"--name {name_template!r} gives an invalid file name {name!r}")
@@ -234,9 +240,16 @@ def plan_jobs(
         if real in sources:
             raise BatchError(f"{job.output}: output would overwrite an input")
         if real in targets:
+            other = targets[real]
+            same_file = os.path.realpath(_strip_dataset(other)) == os.path.realpath(
+                _strip_dataset(job.input)
+            )
+            fields, field = (
+                ("{dataset} or {index}", "dataset") if same_file else ("{index}", "index")
+            )
             raise BatchError(
-                f"{job.output}: both {targets[real]} and {job.input} would be written there; "
-                "change --name"
+                f"{job.output}: both {other} and {job.input} would be written there; tell them "
+                f"apart in --name with {fields}, e.g. --name '{{stem}}_{{{field}}}_up{{ext}}'"
             )
         targets[real] = job.input
     return jobs

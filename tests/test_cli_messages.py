@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
@@ -134,6 +135,16 @@ def test_command_line_mistakes_use_the_same_style(tmp_path, one_channel):
     assert re.fullmatch(r"  see '\S+ upsample --help'", second)
 
 
+def test_engine_choices_are_in_help_and_checked_by_click(tmp_path, one_channel):
+    from conv3dt.engine import ENGINES
+
+    shown = _run("upsample", "--help")
+    assert f"--engine [{'|'.join(ENGINES)}]" in shown.output
+    spec, volume = one_channel
+    result = _run("upsample", str(volume), "--spec", str(spec), "--engine", "fast", "-o", "o.npy")
+    _assert_clean_failure(result, 2, "'--engine'", "'fast' is not one of 'auto'")
+
+
 @pytest.mark.parametrize(
     ("name", "kind"), [("three.nii.gz", "gzip (a .nii.gz?)"), ("three.nii", "NIfTI")]
 )
@@ -161,3 +172,40 @@ def test_stdin_with_another_format_names_the_option(tmp_path, one_channel):
     )
     _assert_clean_failure(result, 2, "stdin ('-') takes an .npy stream only", "--input-format")
     assert "`format`" not in result.output
+
+
+def test_binary_output_to_a_terminal_is_refused(tmp_path, one_channel, monkeypatch):
+    from conv3dt_cli import upsample
+
+    monkeypatch.setattr(upsample, "_is_terminal", lambda stream: True)
+    spec, volume = one_channel
+    result = _run("upsample", str(volume), "--spec", str(spec), "-o", "-")
+    _assert_clean_failure(result, 2, "-o -", "stdout, which is a terminal")
+
+
+def test_an_unknown_output_extension_names_output_format(tmp_path, one_channel):
+    spec, volume = one_channel
+    result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "x.nifti"))
+    _assert_clean_failure(result, 2, "x.nifti", "--output-format")
+
+
+def _two_datasets(tmp_path: Path) -> Path:
+    path = tmp_path / "scan.h5"
+    with h5py.File(path, "w") as handle:
+        handle["t1/raw"] = np.ones((4, 4, 4), np.float32)
+        handle["t2/raw"] = np.ones((4, 4, 4), np.float32)
+    return path
+
+
+def test_two_datasets_of_one_file_into_one_name_suggest_a_field(tmp_path, one_channel):
+    spec, _ = one_channel
+    scan = _two_datasets(tmp_path)
+    out = tmp_path / "out"
+    inputs = [f"{scan}:/t1/raw", f"{scan}:/t2/raw"]
+    result = _run("upsample", *inputs, "--spec", str(spec), "--output-dir", str(out))
+    _assert_clean_failure(result, 2, "scan_up.h5", "--name", "{index}", "{dataset}")
+    named = _run(
+        "upsample", *inputs, "--spec", str(spec), "--output-dir", str(out), "--name", "{dataset}.h5"
+    )
+    assert named.exit_code == 0, named.output
+    assert sorted(p.name for p in out.iterdir()) == ["t1_raw.h5", "t2_raw.h5"]
