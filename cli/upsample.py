@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -96,6 +97,7 @@ def run_upsample(
     from conv3dt.plan import parse_memory
     from conv3dt.run import upsample_file
 
+    started = time.perf_counter()
     _check_streams(inputs, output, input_format, output_format)
     on_cluster = dask_address is not None or dask_scheduler_file is not None
     if on_cluster:
@@ -141,9 +143,9 @@ def run_upsample(
                     "or --skip-existing to keep it"
                 )
         todo.append(job)
-    show = not quiet and sys.stderr.isatty()
+    show = not quiet and _is_terminal(sys.stderr)
     if on_cluster:
-        return _run_on_cluster(
+        code = _run_on_cluster(
             todo,
             layer_spec,
             dask_address=dask_address,
@@ -165,6 +167,7 @@ def run_upsample(
             show=show,
             debug=debug,
         )
+        return _finish(code, len(todo), len(jobs), started, show)
     from conv3dt.engine.threads import set_threads
 
     set_threads(threads)
@@ -218,7 +221,7 @@ def run_upsample(
             )
     if files_bar is not None:
         files_bar.close()
-    return _summary(failures, len(todo))
+    return _finish(_summary(failures, len(todo)), len(todo), len(jobs), started, show)
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -259,6 +262,16 @@ def _check_output_extensions(jobs: list[Any]) -> None:
                 f"{job.output}: no volume format has this extension; name it .npy, .nii, "
                 ".nii.gz, .h5, .hdf5 or .zarr, or give --output-format"
             )
+
+
+def _finish(code: int, written: int, planned: int, started: float, show: bool) -> int:
+    """Say at a terminal what a successful run wrote and how long it took; return ``code``."""
+    if code == 0 and show:
+        skipped = f" ({planned - written} skipped: they exist)" if planned > written else ""
+        plural = "" if written == 1 else "s"
+        seconds = time.perf_counter() - started
+        click.echo(f"conv3dt: wrote {written} output{plural}{skipped} in {seconds:.1f} s", err=True)
+    return code
 
 
 def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:

@@ -209,3 +209,18 @@ def test_two_datasets_of_one_file_into_one_name_suggest_a_field(tmp_path, one_ch
     )
     assert named.exit_code == 0, named.output
     assert sorted(p.name for p in out.iterdir()) == ["t1_raw.h5", "t2_raw.h5"]
+
+
+def test_a_successful_run_at_a_terminal_ends_with_a_summary(tmp_path, one_channel, monkeypatch):
+    from conv3dt_cli import upsample
+
+    spec, volume = one_channel
+    args = ["upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy")]
+    piped = _run(*args)
+    assert piped.exit_code == 0 and "wrote" not in piped.output
+    monkeypatch.setattr(upsample, "_is_terminal", lambda stream: True)
+    quiet = _run(*args, "--overwrite", "-q")
+    assert quiet.exit_code == 0 and "wrote" not in quiet.output
+    shown = _run(*args, "--overwrite")
+    assert shown.exit_code == 0
+    assert re.fullmatch(r"conv3dt: wrote 1 output in \d+\.\d s", _lines(shown)[-1])
