@@ -117,8 +117,7 @@ def run_upsample(
         name_template=name_template,
         output_format=output_format,
     )
-    if output_format is None:
-        _check_output_extensions(jobs)
+    _check_extensions(jobs, input_format, output_format)
     if chosen_shard is not None:
         jobs = _select_shard(jobs, *chosen_shard)
     if on_cluster and any("-" in (job.input, job.output) for job in jobs):
@@ -252,12 +251,21 @@ def _check_streams(
         )
 
 
-def _check_output_extensions(jobs: list[Any]) -> None:
-    """Without --output-format, every output's extension must name its format."""
+def _check_extensions(jobs: list[Any], input_format: str | None, output_format: str | None) -> None:
+    """Every file's extension must name its format, unless its format option gives it.
+
+    Inputs first: an input's unknown extension is also its default output name's.
+    """
     from conv3dt.batch import format_of
 
     for job in jobs:
-        if job.output != "-" and format_of(job.output) is None:
+        if input_format is None and job.input != "-" and format_of(job.input) is None:
+            raise click.UsageError(
+                f"{job.input}: no volume format has this extension; give --input-format "
+                "npy, nifti, hdf5 or zarr for the format it holds"
+            )
+    for job in jobs:
+        if output_format is None and job.output != "-" and format_of(job.output) is None:
             raise click.UsageError(
                 f"{job.output}: no volume format has this extension; name it .npy, .nii, "
                 ".nii.gz, .h5, .hdf5 or .zarr, or give --output-format"

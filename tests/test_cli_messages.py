@@ -224,3 +224,12 @@ def test_a_successful_run_at_a_terminal_ends_with_a_summary(tmp_path, one_channe
     shown = _run(*args, "--overwrite")
     assert shown.exit_code == 0
     assert re.fullmatch(r"conv3dt: wrote 1 output in \d+\.\d s", _lines(shown)[-1])
+
+
+def test_an_unknown_input_extension_names_input_format(tmp_path, one_channel):
+    spec, volume = one_channel
+    (tmp_path / "v.dat").write_bytes(volume.read_bytes())
+    args = [str(tmp_path / "v.dat"), "--spec", str(spec), "--output-dir", str(tmp_path / "out")]
+    _assert_clean_failure(_run("upsample", *args), 2, "v.dat:", "--input-format")
+    both = _run("upsample", *args, "--input-format", "npy", "--output-format", "npy")
+    assert both.exit_code == 0, both.output
