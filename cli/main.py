@@ -237,7 +237,8 @@ def main() -> None:
     "name_template",
     default="{stem}_up{ext}",
     show_default=True,
-    help="Output name template for --output-dir: {stem}, {ext}, {name}, {index}.",
+    help="Output name template for --output-dir: {stem}, {ext}, {name}, {index}, {dataset} "
+    "(an HDF5 input's dataset path, '/' replaced by '_').",
 )
 @click.option(
     "--input-format", type=_FORMATS, help="Read inputs as this format, whatever their extension."
