@@ -262,7 +262,7 @@ def _check_extensions(jobs: list[Any], input_format: str | None, output_format: 
         if input_format is None and job.input != "-" and format_of(job.input) is None:
             raise click.UsageError(
                 f"{job.input}: no volume format has this extension; give --input-format "
-                "npy, nifti, hdf5 or zarr for the format it holds"
+                "with the format it holds"
             )
     for job in jobs:
         if output_format is None and job.output != "-" and format_of(job.output) is None:
