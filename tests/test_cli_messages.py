@@ -19,7 +19,6 @@ from conv3dt import Conv3DTranspose
 @pytest.fixture()
 def one_channel(tmp_path: Path) -> tuple[Path, Path]:
     """A spec with a kernel for one input channel, and a 3D .npy volume."""
-
     spec = _spec(tmp_path, Conv3DTranspose(1, 2, strides=2), 1)
     volume = tmp_path / "v.npy"
     np.save(volume, np.ones((4, 4, 4), np.float32))
@@ -52,7 +51,6 @@ def test_unknown_spec_keys_get_a_suggestion(tmp_path, one_channel, text, suggest
 
 
 def test_a_4d_nifti_in_a_batch_names_the_file_and_both_fixes(tmp_path, one_channel):
-
     spec, _ = one_channel
     series = tmp_path / "series.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), series)
@@ -74,7 +72,6 @@ def test_a_4d_nifti_in_a_batch_names_the_file_and_both_fixes(tmp_path, one_chann
 
 
 def test_a_batch_with_channels_names_the_file_and_init(tmp_path, one_channel):
-
     spec, _ = one_channel
     np.save(tmp_path / "batch.npy", np.ones((2, 4, 4, 4, 3), np.float32))
     result = _run(
@@ -85,7 +82,6 @@ def test_a_batch_with_channels_names_the_file_and_init(tmp_path, one_channel):
 
 
 def test_a_volume_of_the_wrong_rank_is_named(tmp_path, one_channel):
-
     spec, _ = one_channel
     np.save(tmp_path / "flat.npy", np.ones((4, 4), np.float32))
     result = _run(
