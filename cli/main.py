@@ -339,6 +339,7 @@ def upsample(
             layer_spec_loader=lambda: _load_layer_spec(
                 spec, keras_model, layer_name, seed, model_config
             ),
+            protected=(spec, keras_model, model_config),
             **options,
         )
         _exit(code)

@@ -91,8 +91,14 @@ def run_upsample(
     tile_shape: str | None = None,
     dask_address: str | None = None,
     dask_scheduler_file: str | None = None,
+    protected: tuple[str | None, ...] = (),
 ) -> int:
-    """Process every input (or this shard's); return the exit code."""
+    """Process every input (or this shard's); return the exit code.
+
+    ``protected`` are the files the layer comes from (the spec, model file,
+    model config); no output may be written onto them, nor onto the spec's
+    weight files.
+    """
     from conv3dt.batch import expand_inputs, output_exists, plan_jobs
     from conv3dt.plan import parse_memory
     from conv3dt.run import upsample_file
@@ -123,6 +129,7 @@ def run_upsample(
     if on_cluster and any("-" in (job.input, job.output) for job in jobs):
         raise click.UsageError("--dask works on files; '-' (stdin, stdout) cannot be used with it")
     layer_spec = layer_spec_loader()
+    _refuse_clobbering(jobs, (*protected, *getattr(layer_spec, "files", ())))
     if output_dir is not None:
         try:
             os.makedirs(output_dir, exist_ok=True)
@@ -141,6 +148,7 @@ def run_upsample(
                     f"{job.output} exists; give --overwrite to replace it "
                     "or --skip-existing to keep it"
                 )
+            _refuse_replacing_a_directory(job.output, output_format)
         todo.append(job)
     show = not quiet and _is_terminal(sys.stderr)
     if on_cluster:
@@ -159,6 +167,7 @@ def run_upsample(
                 "compression": compression,
                 "engine": engine,
                 "threads": threads,
+                "overwrite": overwrite,
             },
             resume=skip_existing,
             keep_going=keep_going,
@@ -197,6 +206,7 @@ def run_upsample(
                     compression=compression,
                     engine=engine,
                     progress=progress,
+                    overwrite=overwrite,
                 )
             except KeyboardInterrupt:
                 raise
@@ -280,6 +290,41 @@ def _finish(code: int, written: int, planned: int, started: float, show: bool) -
         seconds = time.perf_counter() - started
         click.echo(f"conv3dt: wrote {written} output{plural}{skipped} in {seconds:.1f} s", err=True)
     return code
+
+
+def _refuse_clobbering(jobs: list[Any], sources: tuple[str | None, ...]) -> None:
+    """Refuse outputs onto the files the layer was read from, whatever --overwrite says.
+
+    Paths are compared after resolving symbolic links, so a link to the spec
+    counts as the spec.
+    """
+    from conv3dt.batch import strip_dataset
+
+    protected = {os.path.realpath(strip_dataset(path)) for path in sources if path}
+    for job in jobs:
+        if job.output == "-":
+            continue
+        if os.path.realpath(strip_dataset(job.output)) in protected:
+            raise errors.CommandError(
+                f"{job.output}: the layer is read from this file, so it cannot be an output "
+                "(not even with --overwrite); choose another output"
+            )
+
+
+def _refuse_replacing_a_directory(output: str, output_format: str | None) -> None:
+    """--overwrite replaces a Zarr store, never an ordinary directory."""
+    from conv3dt.batch import format_of, strip_dataset
+    from conv3dt.volumes.zarr import is_zarr_store
+
+    path = strip_dataset(output)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    if (output_format or format_of(output)) in ("zarr", "ome-zarr") and is_zarr_store(path):
+        return
+    raise errors.CommandError(
+        f"{output} is a directory that is not a Zarr store; --overwrite replaces only "
+        "files and Zarr stores, so remove it yourself or choose another output"
+    )
 
 
 def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:

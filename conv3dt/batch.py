@@ -7,7 +7,6 @@ import os
 import re
 import string
 from dataclasses import dataclass
-from pathlib import Path
 
 from conv3dt.validation import excerpt
 
@@ -21,6 +20,7 @@ __all__ = [
     "format_of",
     "plan_jobs",
     "split_extension",
+    "strip_dataset",
 ]
 
 FORMAT_EXTENSIONS = {"npy": ".npy", "nifti": ".nii.gz", "hdf5": ".h5", "zarr": ".zarr"}
@@ -58,7 +58,7 @@ class Job:
     output: str
 
 
-def _strip_dataset(path: str) -> str:
+def strip_dataset(path: str) -> str:
     """Drop an HDF5 ``:/dataset`` suffix."""
     lowered = path.lower()
     for ext in (".h5:", ".hdf5:"):
@@ -73,7 +73,7 @@ def split_extension(path: str) -> tuple[str, str]:
 
     An HDF5 ``:/dataset`` suffix is ignored.
     """
-    name = os.path.basename(_strip_dataset(path).rstrip("/"))
+    name = os.path.basename(strip_dataset(path).rstrip("/"))
     lowered = name.lower()
     for ext in _EXTENSIONS:
         if lowered.endswith(ext):
@@ -110,7 +110,7 @@ def expand_inputs(items: list[str]) -> list[str]:
         if item == "-":
             found.append(item)
             continue
-        base = _strip_dataset(item)
+        base = strip_dataset(item)
         if os.path.isdir(item) and format_of(item) != "zarr":
             entries = sorted(
                 os.path.join(item, name)
@@ -137,7 +137,7 @@ def expand_inputs(items: list[str]) -> list[str]:
         key = (
             path
             if path == "-"
-            else os.path.realpath(_strip_dataset(path)) + path[len(_strip_dataset(path)) :]
+            else os.path.realpath(strip_dataset(path)) + path[len(strip_dataset(path)) :]
         )
         if key not in seen:
             seen.add(key)
@@ -219,9 +219,9 @@ def plan_jobs(
                 name = name_template.format(
                     stem=stem,
                     ext=ext,
-                    name=os.path.basename(_strip_dataset(path)),
+                    name=os.path.basename(strip_dataset(path)),
                     index=index,
-                    dataset=path[len(_strip_dataset(path)) + 1 :].strip("/").replace("/", "_"),
+                    dataset=path[len(strip_dataset(path)) + 1 :].strip("/").replace("/", "_"),
                 )
             except (KeyError, IndexError, ValueError) as exc:
                 raise BatchError(
@@ -232,17 +232,17 @@ def plan_jobs(
                 raise BatchError(f"--name {name_template!r} gives an invalid file name {name!r}")
             jobs.append(Job(path, os.path.join(output_dir, name)))
     targets: dict[str, str] = {}
-    sources = {os.path.realpath(_strip_dataset(job.input)) for job in jobs if job.input != "-"}
+    sources = {os.path.realpath(strip_dataset(job.input)) for job in jobs if job.input != "-"}
     for job in jobs:
         if job.output == "-":
             continue
-        real = os.path.realpath(_strip_dataset(job.output))
+        real = os.path.realpath(strip_dataset(job.output))
         if real in sources:
             raise BatchError(f"{job.output}: output would overwrite an input")
         if real in targets:
             other = targets[real]
-            same_file = os.path.realpath(_strip_dataset(other)) == os.path.realpath(
-                _strip_dataset(job.input)
+            same_file = os.path.realpath(strip_dataset(other)) == os.path.realpath(
+                strip_dataset(job.input)
             )
             fields, field = (
                 ("{dataset} or {index}", "dataset") if same_file else ("{index}", "index")
@@ -256,5 +256,9 @@ def plan_jobs(
 
 
 def output_exists(path: str) -> bool:
-    """Whether an output target already exists (``-`` never does)."""
-    return path != "-" and Path(_strip_dataset(path)).exists()
+    """Whether an output target already exists (``-`` never does).
+
+    Any entry counts, a dangling symbolic link included: writing there would
+    replace the link.
+    """
+    return path != "-" and os.path.lexists(strip_dataset(path))

@@ -15,14 +15,18 @@ A batch is spread over the cluster's worker slots (its threads) in one of two wa
   processes: their tiles go to a scratch ``.npy`` that one worker converts into
   the target at the end (under a temporary name, then renamed).
 
-Resume: a worker flushes each tile to disk (fsync) before reporting it done;
-the client then appends the tile's id to a completion record beside the scratch
+Resume: a worker flushes each tile to disk (fsync) before reporting it done,
+with a CRC-32 of the tile's bytes; the client then appends the tile's id and
+checksum to a completion record beside the scratch
 (``.NAME.conv3dt-partial.jsonl``) and flushes that too. The record's first line
 fingerprints the work (input file, layer and weights, shapes, tiles, dtype,
 engine). With ``resume=True`` (``--skip-existing``) a matching record and
 scratch mean only the missing tiles are computed; the result equals an
 uninterrupted run's, since every tile is computed by the same code from the
-same input and lands in the same place. Without it, leftovers are discarded.
+same input and lands in the same place. The record is not trusted: each tile
+it lists is read back from the scratch and recomputed unless its checksum
+matches, and lines that are not exactly ``{"tile": INT, "crc32": INT}`` for a
+tile of this run are ignored. Without resume, leftovers are discarded.
 
 Every path must be visible to the client and to all workers under the same
 name (a shared file system); relative paths are made absolute on the client,
@@ -45,6 +49,7 @@ import os
 import secrets
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,13 +76,20 @@ from conv3dt.run import (
 )
 from conv3dt.spec import LayerSpec
 from conv3dt.volumes import (
+    OutputExistsError,
     VolumeError,
     VolumeReader,
     VolumeWriteError,
     create_volume,
     open_volume,
 )
-from conv3dt.volumes.base import fsync_path, normalize_box, pwrite_all, write_raw_box
+from conv3dt.volumes.base import (
+    fsync_path,
+    normalize_box,
+    pwrite_all,
+    rename_noreplace,
+    write_raw_box,
+)
 from conv3dt.volumes.hdf5 import split_hdf5_path
 from conv3dt.volumes.npy import NpyReader
 from conv3dt.volumes.zarr import (
@@ -336,6 +348,7 @@ class _Options:
     engine: str
     threads: int | None
     tile_shape: tuple[int, int, int] | None
+    overwrite: bool = True
 
 
 def _engine_threads(requested: int | None) -> int:
@@ -369,6 +382,7 @@ def _file_task(spec: LayerSpec, job: Job, options: _Options) -> RunResult:
             compression=options.compression,
             engine=options.engine,
             tile_shape=options.tile_shape,
+            overwrite=options.overwrite,
         )
 
 
@@ -453,6 +467,12 @@ class _ConvertContext:
     attrs: dict[str, Any]
     compression: str | None
     boxes: tuple[tuple[slice, ...], ...]
+    overwrite: bool
+
+
+def _tile_checksum(stored: np.ndarray, dtype: np.dtype) -> int:
+    """CRC-32 of a tile's values as stored, in C order of the output's stored axes."""
+    return zlib.crc32(np.ascontiguousarray(stored, dtype=dtype).data)
 
 
 def _write_failure(target: str, exc: OSError) -> VolumeWriteError:
@@ -462,8 +482,11 @@ def _write_failure(target: str, exc: OSError) -> VolumeWriteError:
     )
 
 
-def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple[int, int]:
-    """Compute one tile, write it into the scratch and flush it; return (tile id, peak RSS)."""
+def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple[int, int, int]:
+    """Compute one tile, write it into the scratch and flush it.
+
+    Returns the tile id, the peak RSS and the CRC-32 of the tile as written.
+    """
     tile = task.tile
     with set_threads(_engine_threads(context.threads)):
         with open_volume(context.input, context.input_format) as source:
@@ -473,6 +496,7 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
     out_box = normalize_box(
         context.out_layout.box(task.sample, tile.out_start, tile.out_stop), context.out_layout.shape
     )
+    checksum = _tile_checksum(stored, context.dtype)
     try:
         if context.scratch_format == "zarr":
             array = open_zarr_array(context.scratch, "r+")
@@ -491,7 +515,7 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
                 os.close(fd)
     except OSError as exc:
         raise _write_failure(context.target, exc) from exc
-    return task.id, peak_rss_bytes()
+    return task.id, peak_rss_bytes(), checksum
 
 
 def _convert_task(context: _ConvertContext) -> int:
@@ -512,6 +536,7 @@ def _convert_task(context: _ConvertContext) -> int:
             affine=context.affine,
             attrs=context.attrs,
             compression=context.compression,
+            overwrite=context.overwrite,
         )
         with writer:
             for box in context.boxes:
@@ -567,8 +592,17 @@ def _slabs(
     return boxes
 
 
-def _read_record(path: str, fingerprint: str, count: int) -> set[int] | None:
-    """The finished tile ids of a completion record, or None when it is not this run's."""
+def _exact_int(value: Any) -> bool:
+    # bool is an int subclass: ``true`` must not pass for tile 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_record(path: str, fingerprint: str, count: int) -> dict[int, int] | None:
+    """The finished tiles of a completion record and their CRC-32s, or None when not this run's.
+
+    Only lines ``{"tile": ID, "crc32": CRC}`` with an integer tile id of this
+    run and a 32-bit checksum count; a tile listed twice keeps its last checksum.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -580,14 +614,18 @@ def _read_record(path: str, fingerprint: str, count: int) -> set[int] | None:
         return None
     if not isinstance(header, dict) or header.get("fingerprint") != fingerprint:
         return None
-    done: set[int] = set()
+    done: dict[int, int] = {}
     for line in lines[1:]:
         try:
-            tile = json.loads(line).get("tile")
-        except (json.JSONDecodeError, AttributeError):
+            entry = json.loads(line)
+        except json.JSONDecodeError:
             continue  # a line torn by a crash in mid-append
-        if isinstance(tile, int) and 0 <= tile < count:
-            done.add(tile)
+        if not isinstance(entry, dict) or set(entry) != {"tile", "crc32"}:
+            continue
+        tile, checksum = entry["tile"], entry["crc32"]
+        if _exact_int(tile) and 0 <= tile < count and _exact_int(checksum):
+            if 0 <= checksum < 2**32:
+                done[tile] = checksum
     return done
 
 
@@ -762,8 +800,9 @@ class TiledOutput:
         Returns the number of tiles already finished.
         """
         if resume:
-            done = _read_record(self.record, self.fingerprint, len(self.tasks))
-            if done is not None and self._scratch_intact():
+            recorded = _read_record(self.record, self.fingerprint, len(self.tasks))
+            if recorded is not None and self._scratch_intact():
+                done = self._verified(recorded)
                 self.finished = done
                 self._done_voxels = sum(self._voxels(i) for i in done)
                 self.resumed = len(done)
@@ -784,15 +823,50 @@ class TiledOutput:
         _fsync_directory(os.path.dirname(self.record))
         return 0
 
+    def _verified(self, recorded: dict[int, int]) -> set[int]:
+        """The recorded tiles whose data in the scratch still has the recorded checksum.
+
+        The others (a record line for a tile never written, a scratch damaged
+        or replaced) are computed again.
+        """
+        layout = self.context.out_layout
+        if self.context.scratch_format == "zarr":
+            array = open_zarr_array(self.scratch, "r")
+            reader = None
+        else:
+            reader = NpyReader(self.scratch)
+        good: set[int] = set()
+        try:
+            for tile_id in sorted(recorded):
+                task = self.tasks[tile_id]
+                box = normalize_box(
+                    layout.box(task.sample, task.tile.out_start, task.tile.out_stop), layout.shape
+                )
+                stored = reader.read(box) if reader is not None else np.asarray(array[box])
+                if _tile_checksum(stored, self.storage_dtype) == recorded[tile_id]:
+                    good.add(tile_id)
+        finally:
+            if reader is not None:
+                reader.close()
+        if len(good) < len(recorded):
+            log.warning(
+                "%s: %d of the %d tiles the resume record lists do not match the partial "
+                "output; computing them again",
+                self.job.output,
+                len(recorded) - len(good),
+                len(recorded),
+            )
+        return good
+
     def _append(self, entry: dict[str, Any]) -> None:
         assert self._record_fd is not None
         os.write(self._record_fd, (json.dumps(entry) + "\n").encode())
         os.fsync(self._record_fd)
 
-    def record_done(self, tile_id: int) -> None:
-        """Note a tile whose data its worker has flushed to disk."""
+    def record_done(self, tile_id: int, checksum: int) -> None:
+        """Note a tile whose data its worker has flushed to disk, with its CRC-32."""
         if tile_id not in self.finished:
-            self._append({"tile": tile_id})
+            self._append({"tile": tile_id, "crc32": checksum})
             self.finished.add(tile_id)
             self._done_voxels += self._voxels(tile_id)
 
@@ -825,14 +899,31 @@ class TiledOutput:
         return self._done_voxels
 
     def finish_in_place(self) -> None:
-        """Rename a finished .npy or Zarr scratch onto the target, then drop the record."""
+        """Rename a finished .npy or Zarr scratch onto the target, then drop the record.
+
+        Raises
+        ------
+        OutputExistsError
+            Without ``overwrite``, when the target exists (the scratch and
+            record are then kept).
+        """
         if self.context.scratch_format == "zarr":
             fsync_tree(self.scratch)
-            replace_directory(self.scratch, self.job.output)
         else:
             fsync_path(self.scratch)
-            os.replace(self.scratch, self.job.output)
-            _fsync_directory(os.path.dirname(os.path.abspath(self.job.output)))
+        try:
+            if not self.options.overwrite:
+                rename_noreplace(self.scratch, self.job.output)
+            elif self.context.scratch_format == "zarr":
+                replace_directory(self.scratch, self.job.output)
+            else:
+                os.replace(self.scratch, self.job.output)
+        except FileExistsError:
+            raise OutputExistsError(
+                f"cannot write {self.job.output}: it exists (made while this run was "
+                "writing); it was left as it is"
+            ) from None
+        _fsync_directory(os.path.dirname(os.path.abspath(self.job.output)))
         self.close()
         _remove(self.record)
 
@@ -859,6 +950,7 @@ class TiledOutput:
             attrs=self.attrs,
             compression=self.options.compression,
             boxes=tuple(boxes),
+            overwrite=self.options.overwrite,
         )
 
     def result(self, job: Job, seconds: float, peak: int) -> RunResult:
@@ -1034,9 +1126,9 @@ class _Batch:
             return
         tiled_output = self.runs[index]
         if kind == "tile":
-            tile_id, peak = future.result()
+            tile_id, peak, checksum = future.result()
             # A tile finished after its file failed is kept for a resume all the same.
-            tiled_output.record_done(tile_id)
+            tiled_output.record_done(tile_id, checksum)
             self.peaks[index] = max(self.peaks.get(index, 0), peak)
             if index in self.failed:
                 return
@@ -1056,6 +1148,9 @@ class _Batch:
             return
         try:
             tiled_output.finish_in_place()
+        except VolumeError as error:
+            self._fail(index, error)
+            return
         except OSError as exc:
             self._fail(index, _write_failure(self.jobs[index].output, exc))
             return
@@ -1098,6 +1193,7 @@ def upsample_batch(
     split: str = "auto",
     resume: bool = False,
     keep_going: bool = False,
+    overwrite: bool = True,
     on_result: Callable[[RunResult], None] | None = None,
     on_error: Callable[[Job, BaseException], None] | None = None,
     progress: Callable[[Job, int, int], None] | None = None,
@@ -1126,6 +1222,10 @@ def upsample_batch(
     keep_going : bool
         After a failure, finish the other files (reported through ``on_error``);
         otherwise the remaining tasks are cancelled and the error raised.
+    overwrite : bool
+        Whether outputs may replace existing files; when False, an output
+        that exists once its file is finished (another process wrote it
+        meanwhile) fails with :class:`conv3dt.volumes.OutputExistsError`.
     on_result : callable, optional
         Called with each file's RunResult as it finishes (completion order).
     on_error : callable, optional
@@ -1164,6 +1264,7 @@ def upsample_batch(
         engine=engine,
         threads=threads,
         tile_shape=None if tile_shape is None else tuple(int(t) for t in tile_shape),  # type: ignore[arg-type]
+        overwrite=overwrite,
     )
     batch = _Batch(
         client,

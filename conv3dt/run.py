@@ -573,6 +573,7 @@ def upsample_file(
     engine: str = "auto",
     tile_shape: tuple[int, int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = True,
 ) -> RunResult:
     """Apply the spec's layer to one volume file and write the result atomically.
 
@@ -603,6 +604,11 @@ def upsample_file(
         Force the output tile shape (tests, benchmarks).
     progress : callable, optional
         Called as ``progress(done_voxels, total_voxels)`` after each tile.
+    overwrite : bool
+        Whether the finished output may replace an existing file. When False,
+        a target that exists when the output is complete (another process
+        wrote it meanwhile) is left as it is and
+        :class:`conv3dt.volumes.OutputExistsError` is raised.
 
     Returns
     -------
@@ -634,6 +640,7 @@ def upsample_file(
             attrs=setup.attrs,
             compression=compression,
             chunks=setup.chunks,
+            overwrite=overwrite,
         )
         # Stream buffers as large as the plan counted them, so they hold exactly
         # the planes neighbouring tiles share and nothing more.

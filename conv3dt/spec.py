@@ -97,11 +97,14 @@ class LayerSpec:
         The spec or model file.
     seed : int or None
         Seed for initializers when weights are drawn.
+    files : tuple of str
+        The spec file and the weight files it names (outputs must not replace them).
     """
 
     layer: Conv3DTranspose
     source: str
     seed: int | None = None
+    files: tuple[str, ...] = ()
 
     def ensure_built(self, in_channels: int, four_d: bool = False) -> None:
         """Draw weights for ``in_channels`` input channels if none were loaded.
@@ -315,9 +318,14 @@ def load_spec(path: str | os.PathLike) -> LayerSpec:
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{spec_path}: layer: {exc}") from None
     weights = document.get("weights")
+    files = [str(spec_path)]
     if weights is not None:
         _apply_weights(layer, weights, spec_path)
-    return LayerSpec(layer=layer, source=str(spec_path), seed=seed)
+        for field in ("kernel", "bias"):
+            reference = weights.get(field)
+            if isinstance(reference, str):
+                files.append(str(spec_path.parent / _split_reference(reference)[0]))
+    return LayerSpec(layer=layer, source=str(spec_path), seed=seed, files=tuple(files))
 
 
 def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from conv3dt.volumes.base import (
     Box,
+    OutputExistsError,
     VolumeError,
     VolumeMetadata,
     VolumeReader,
@@ -30,6 +31,7 @@ from conv3dt.volumes.zarr import ZarrReader, ZarrWriter
 __all__ = [
     "FORMATS",
     "Box",
+    "OutputExistsError",
     "VolumeError",
     "VolumeMetadata",
     "VolumeReader",
@@ -143,13 +145,15 @@ def create_volume(
     compression: str | None = None,
     chunks: tuple[int, ...] | None = None,
     value_range: tuple[float, float] | None = None,
+    overwrite: bool = True,
 ) -> VolumeWriter:
     """Create a volume to be written box by box, under a temporary name until commit.
 
-    The temporary file ``.{name}.conv3dt-tmp-XXXXXXXX`` sits beside the target;
-    ``commit()`` renames it onto the target (replacing any file there: callers
-    decide about overwriting), ``abort()`` removes it. As a context manager the
-    writer commits at the end of the block and aborts if the block raises.
+    The temporary file ``.{name}.conv3dt-tmp-HOST-PID-RANDOM`` sits beside the
+    target (those of writers on this host that died are removed first);
+    ``commit()`` renames it onto the target, ``abort()`` removes it. As a
+    context manager the writer commits at the end of the block and aborts if
+    the block raises.
 
     Parameters
     ----------
@@ -179,6 +183,11 @@ def create_volume(
         Integer NIfTI only (ignored otherwise): the data range, to choose the
         scaling before any box arrives; without it the data is buffered in
         memory until commit.
+    overwrite : bool
+        Whether ``commit()`` may replace an existing target. When False, the
+        existence check and the rename are one atomic step: a target that
+        exists at commit (made meanwhile by another process, say) is left as
+        it is and ``commit()`` raises :class:`OutputExistsError`.
 
     Returns
     -------
@@ -215,6 +224,25 @@ def create_volume(
         template = VolumeMetadata()
     if path == "-":
         return NpyStreamWriter(shape, dtype)
+    writer = _create_writer(
+        path, shape, dtype, format, template, affine, attrs, compression, chunks, value_range
+    )
+    writer.overwrite = overwrite
+    return writer
+
+
+def _create_writer(
+    path: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    format: str,
+    template: VolumeMetadata,
+    affine: np.ndarray | None,
+    attrs: dict[str, Any] | None,
+    compression: str | None,
+    chunks: tuple[int, ...] | None,
+    value_range: tuple[float, float] | None,
+) -> VolumeWriter:
     if format == "npy":
         return NpyWriter(path, shape, dtype)
     if format == "hdf5":

@@ -11,10 +11,15 @@ one raw array at a byte offset (``.npy`` and uncompressed NIfTI).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import glob
 import operator
 import os
 import secrets
+import shutil
+import socket
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +28,7 @@ import numpy as np
 
 __all__ = [
     "Box",
+    "OutputExistsError",
     "VolumeError",
     "VolumeMetadata",
     "VolumeReader",
@@ -33,6 +39,9 @@ __all__ = [
     "normalize_box",
     "pwrite_all",
     "read_raw_box",
+    "remove_dead_temps",
+    "rename_noreplace",
+    "temp_path",
     "write_raw_box",
 ]
 
@@ -56,6 +65,13 @@ class VolumeWriteError(VolumeError):
 
     #: The command line's exit code for it: a runtime failure.
     exit_code = 1
+
+
+class OutputExistsError(VolumeError):
+    """The target appeared while it was being written and overwriting was not allowed.
+
+    The finished output was removed and the target left as it is.
+    """
 
 
 @dataclass
@@ -224,9 +240,139 @@ def _write_failure(target: str, exc: BaseException) -> VolumeWriteError:
         reason = "no space left on device"
     elif code == getattr(errno, "EDQUOT", None) or "quota exceeded" in text.lower():
         reason = "disk quota exceeded"
+    elif code == errno.EFBIG:
+        reason = "file too large (the file system's or the process's file size limit)"
     else:
         reason = getattr(exc, "strerror", None) or text
     return VolumeWriteError(f"cannot write {target}: {reason}; the partial output was removed")
+
+
+_TEMP_MARK = ".conv3dt-tmp-"
+
+
+def _host() -> str:
+    """This machine's name as temporary names carry it (no path separators)."""
+    return socket.gethostname().replace(os.sep, "_") or "localhost"
+
+
+def temp_path(target: str) -> str:
+    """A fresh temporary name beside ``target``: ``.NAME.conv3dt-tmp-HOST-PID-RANDOM``.
+
+    The host and process id let a later run tell that the writer is gone
+    (see :func:`remove_dead_temps`).
+    """
+    directory, name = os.path.split(os.path.abspath(target))
+    suffix = f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return os.path.join(directory, f".{name}{_TEMP_MARK}{suffix}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_dead_temps(target: str) -> list[str]:
+    """Remove the temporary files and directories of ``target`` whose writer has died.
+
+    Only names made by :func:`temp_path` on this host whose process no longer
+    exists are removed: a temporary name of a live process, or of another host
+    (whose processes cannot be checked from here), is left alone.
+
+    Returns
+    -------
+    list of str
+        The paths removed.
+    """
+    directory, name = os.path.split(os.path.abspath(target))
+    prefix = f".{name}{_TEMP_MARK}"
+    host = _host()
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*"))):
+        parts = os.path.basename(path)[len(prefix) :].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _remove_quietly(path)
+        removed.append(path)
+    return removed
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _renameat2_noreplace(source: str, target: str) -> bool:
+    """``renameat2(RENAME_NOREPLACE)``; False where the system or file system lacks it."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return False  # not glibc 2.28+ (or not Linux)
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    function.restype = ctypes.c_int
+    status = function(
+        _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+    )
+    if status == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), target)
+
+
+def rename_noreplace(source: str, target: str) -> None:
+    """Rename ``source`` (a file or directory) onto ``target`` only if nothing is there.
+
+    The check and the rename are one step, so of two writers racing for one
+    target exactly one succeeds: ``renameat2(RENAME_NOREPLACE)`` where the
+    system has it; else a hard link (files) or ``mkdir`` (directories), which
+    fail on an existing name, claims the target before the rename.
+
+    Raises
+    ------
+    FileExistsError
+        When ``target`` exists (a dangling symbolic link included); ``source``
+        is then left where it is.
+    OSError
+        When renaming fails otherwise.
+    """
+    if _renameat2_noreplace(source, target):
+        return
+    if os.path.isdir(source):
+        os.mkdir(target)
+        try:
+            # Replaces the empty directory just made, which no one else can have claimed.
+            os.rename(source, target)
+        except BaseException:
+            os.rmdir(target)
+            raise
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links on this file system: claim the name with an exclusive create.
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.replace(source, target)
+        return
+    _remove_quietly(source)
 
 
 class VolumeWriter:
@@ -249,9 +395,14 @@ class VolumeWriter:
         The dtype stored on disk.
     tmp_path : str or None
         The temporary file while writing (None for standard output).
+    overwrite : bool
+        Whether :meth:`commit` may replace an existing target; when False it
+        raises :class:`OutputExistsError` instead, also for a target that
+        appeared while writing.
     """
 
     format: str = ""
+    overwrite: bool = True
 
     def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.path = path
@@ -299,6 +450,9 @@ class VolumeWriter:
 
         Raises
         ------
+        OutputExistsError
+            When :attr:`overwrite` is False and the target exists (the
+            temporary file is then removed, the target left as it is).
         VolumeError
             When finishing or renaming fails (the temporary file is then removed).
         """
@@ -306,7 +460,13 @@ class VolumeWriter:
         try:
             self._finish()
             if self.tmp_path is not None:
-                os.replace(self.tmp_path, self.path)
+                self._place(self.tmp_path)
+        except FileExistsError:
+            self.abort()
+            raise OutputExistsError(
+                f"cannot write {self._label()}: it exists (made while this run was writing); "
+                "it was left as it is and this run's output removed"
+            ) from None
         except OSError as exc:
             self.abort()
             raise _write_failure(self._label(), exc) from exc
@@ -350,17 +510,29 @@ class VolumeWriter:
 
     # -- helpers for subclasses ------------------------------------------
 
+    def _place(self, finished: str) -> None:
+        """Rename the finished temporary file or directory onto the target.
+
+        Without :attr:`overwrite`, checking that the target is free and renaming
+        are one atomic step, so a writer that started later cannot replace it.
+        """
+        if self.overwrite:
+            os.replace(finished, self.path)
+        else:
+            rename_noreplace(finished, self.path)
+
     def _create_temp(self) -> int:
         """Create the temporary file beside the target; return its descriptor."""
         target = os.path.abspath(self.path)
-        directory, name = os.path.split(target)
+        directory = os.path.dirname(target)
         if not os.path.isdir(directory):
             raise VolumeError(f"cannot write {self.path}: directory {directory} does not exist")
         if os.path.isdir(target):
             raise VolumeError(f"cannot write {self.path}: it is a directory")
+        remove_dead_temps(target)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         while True:
-            candidate = os.path.join(directory, f".{name}.conv3dt-tmp-{secrets.token_hex(4)}")
+            candidate = temp_path(target)
             try:
                 fd = os.open(candidate, flags, 0o666)
             except FileExistsError:

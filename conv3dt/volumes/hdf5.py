@@ -25,7 +25,6 @@ from conv3dt.volumes.base import (
     VolumeReader,
     VolumeWriter,
     box_shape,
-    fsync_path,
 )
 
 __all__ = ["AFFINE_ATTR", "DEFAULT_DATASET", "Hdf5Reader", "Hdf5Writer", "split_hdf5_path"]
@@ -227,11 +226,16 @@ class Hdf5Writer(VolumeWriter):
         self._compression = compression
         self._file: h5py.File | None = None
         self._dataset: h5py.Dataset | None = None
+        self._sink: _FailSafeFile | None = None
         super().__init__(file_path, shape, dtype)
 
     def _open(self) -> None:
-        os.close(self._create_temp())
-        self._file = h5py.File(self.tmp_path, "w")
+        # The HDF5 library goes through a file object of ours rather than its
+        # own descriptor: HDF5 cannot recover from a failed write (disk full,
+        # file size limit) and crashes when it closes the file later, at the
+        # latest at interpreter exit.
+        self._sink = _FailSafeFile(self._create_temp())
+        self._file = h5py.File(self._sink, "w")
         chunked = bool(self.shape) and 0 not in self.shape
         try:
             self._dataset = self._file.create_dataset(
@@ -254,12 +258,14 @@ class Hdf5Writer(VolumeWriter):
     def _write(self, box: Box, array: np.ndarray) -> None:
         if array.size:
             self._dataset[box] = np.asarray(array, dtype=self.dtype)
+        self._sink.check()
 
     def _finish(self) -> None:
         file, self._file = self._file, None
         self._dataset = None
         file.close()
-        fsync_path(self.tmp_path)
+        self._sink.check()
+        self._sink.close(sync=True)
 
     def _discard(self) -> None:
         file, self._file = self._file, None
@@ -269,3 +275,106 @@ class Hdf5Writer(VolumeWriter):
                 file.close()
             except (OSError, RuntimeError, ValueError):
                 pass
+        if self._sink is not None:
+            self._sink.close(sync=False)
+
+
+class _FailSafeFile:
+    """The temporary file as HDF5 sees it: after the first failed write, a scratchpad.
+
+    Writes go to the file with ``os.pwrite`` until one fails; from then on the
+    error is kept for :meth:`check` and writes land in memory (reads see them),
+    so the library's own bookkeeping never meets an error and it can close the
+    file. The writer then reports the error and removes the file. What lands in
+    memory is what HDF5 still had to flush: its caches and the rest of the box
+    being written, since the writer stops at the first failure.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self._position = 0
+        self._size = 0
+        self._error: OSError | None = None
+        self._overlay: list[tuple[int, bytes]] = []
+
+    def check(self) -> None:
+        """Raise the first write error, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def close(self, sync: bool) -> None:
+        """Close the descriptor, first flushing the data to disk with ``sync``."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- what h5py's file-object driver calls ------------------------------
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self._position = offset
+        elif whence == os.SEEK_CUR:
+            self._position += offset
+        else:
+            self._position = self._size + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        size = max(0, self._size - self._position) if size is None or size < 0 else size
+        buffer = bytearray(size)
+        return bytes(buffer[: self.readinto(buffer)])
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        start = self._position
+        count = 0
+        while count < len(view):
+            data = os.pread(self._fd, len(view) - count, start + count)
+            if not data:
+                break
+            view[count : count + len(data)] = data
+            count += len(data)
+        end = start + len(view)
+        for offset, data in self._overlay:
+            low, high = max(offset, start), min(offset + len(data), end)
+            if low < high:
+                view[low - start : high - start] = data[low - offset : high - offset]
+                count = max(count, high - start)
+        self._position += count
+        return count
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self._error is None:
+            try:
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(self._fd, view[written:], self._position + written)
+            except OSError as exc:
+                self._error = exc
+        if self._error is not None:
+            self._overlay.append((self._position, bytes(view)))
+        self._position += len(view)
+        self._size = max(self._size, self._position)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self._error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                self._error = exc
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        """Nothing to do: every write went straight to the descriptor."""

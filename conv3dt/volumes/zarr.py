@@ -16,6 +16,7 @@ renamed onto it when complete.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
@@ -30,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from conv3dt.volumes.affine import voxel_sizes
-from conv3dt.volumes.base import Box, VolumeError, VolumeMetadata, VolumeReader, VolumeWriter
+from conv3dt.volumes.base import (
+    Box,
+    VolumeError,
+    VolumeMetadata,
+    VolumeReader,
+    VolumeWriter,
+    remove_dead_temps,
+    temp_path,
+)
 
 __all__ = [
     "AFFINE_ATTR",
@@ -42,6 +51,7 @@ __all__ = [
     "fsync_box",
     "fsync_tree",
     "import_zarr",
+    "is_zarr_store",
     "open_zarr_array",
     "replace_directory",
     "zarr_attrs",
@@ -258,15 +268,38 @@ def _remove(path: str) -> None:
             pass
 
 
+_STORE_MARKERS = (".zarray", ".zgroup", "zarr.json")
+
+
+def is_zarr_store(path: str) -> bool:
+    """Whether ``path`` is a directory holding a Zarr array or group (v2 or v3 metadata)."""
+    return (
+        os.path.isdir(path)
+        and not os.path.islink(path)
+        and any(os.path.isfile(os.path.join(path, marker)) for marker in _STORE_MARKERS)
+    )
+
+
 def replace_directory(source: str, target: str) -> None:
     """Rename the directory ``source`` onto ``target``, replacing whatever is there.
 
     A directory cannot be renamed onto a non-empty one, so an existing target is
     first renamed aside and removed once ``source`` is in place.
+
+    Raises
+    ------
+    VolumeError
+        When ``target`` is a directory but not a Zarr store: an ordinary
+        directory is never deleted to make room for an array.
     """
     target = os.path.abspath(target)
     parent, name = os.path.split(target)
     aside = None
+    if os.path.isdir(target) and not is_zarr_store(target):
+        raise VolumeError(
+            f"cannot replace {target}: it is a directory but not a Zarr store "
+            f"(no {', '.join(_STORE_MARKERS)}); remove it yourself or choose another output"
+        )
     if os.path.lexists(target):
         aside = os.path.join(parent, f".{name}.conv3dt-old-{secrets.token_hex(4)}")
         os.rename(target, aside)
@@ -359,11 +392,12 @@ class ZarrWriter(VolumeWriter):
     def _open(self) -> None:
         import_zarr()
         target = os.path.abspath(self.path)
-        directory, name = os.path.split(target)
+        directory = os.path.dirname(target)
         if not os.path.isdir(directory):
             raise VolumeError(f"cannot write {self.path}: directory {directory} does not exist")
+        remove_dead_temps(target)
         while True:
-            candidate = os.path.join(directory, f".{name}.conv3dt-tmp-{secrets.token_hex(4)}")
+            candidate = temp_path(target)
             try:
                 os.mkdir(candidate)
             except FileExistsError:
@@ -382,14 +416,21 @@ class ZarrWriter(VolumeWriter):
 
     def _write(self, box: Box, array: np.ndarray) -> None:
         if array.size:
-            self._array[box] = np.asarray(array, dtype=self.dtype)
+            try:
+                self._array[box] = np.asarray(array, dtype=self.dtype)
+            except BaseException:
+                _settle_zarr()
+                raise
 
     def _finish(self) -> None:
         tmp, self._tmp_dir = self._tmp_dir, None
         self._array = None
         try:
             fsync_tree(tmp)
-            replace_directory(tmp, self.path)
+            if self.overwrite:
+                replace_directory(tmp, self.path)
+            else:
+                self._place(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -398,4 +439,36 @@ class ZarrWriter(VolumeWriter):
         tmp, self._tmp_dir = self._tmp_dir, None
         self._array = None
         if tmp is not None:
+            _settle_zarr()
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _settle_zarr(timeout: float = 60.0) -> None:
+    """Wait for the chunk writes zarr still has in flight.
+
+    zarr 3 writes a box's chunks as concurrent tasks on its own event loop;
+    when one fails (disk full, say), the error reaches the caller while the
+    others go on writing. Removing the temporary directory before they end
+    would let them create it again, and interpreter exit would cut them off
+    mid-write with a page of asyncio errors. zarr 2 writes synchronously and
+    has nothing in flight.
+    """
+    try:
+        from zarr.core import sync
+    except ImportError:
+        return
+    loop = sync.loop[0]
+    if loop is None or not loop.is_running():
+        return
+
+    async def others_done() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            await asyncio.wait(pending)
+
+    future = asyncio.run_coroutine_threadsafe(others_done(), loop)
+    try:
+        future.result(timeout)
+    except Exception:  # a task's own error was already reported through the caller
+        future.cancel()
