@@ -629,6 +629,15 @@ def _read_record(path: str, fingerprint: str, count: int) -> dict[int, int] | No
     return done
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return True
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
 def _fsync_directory(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -807,6 +816,9 @@ class TiledOutput:
                 self._done_voxels = sum(self._voxels(i) for i in done)
                 self.resumed = len(done)
                 self._record_fd = os.open(self.record, os.O_WRONLY | os.O_APPEND)
+                if not _ends_with_newline(self.record):
+                    # A line torn by a crash would swallow the next entry appended to it.
+                    os.write(self._record_fd, b"\n")
                 log.info("%s: resuming, %d of %d tiles done", self.job.output, len(done), len(self))
                 return self.resumed
             if os.path.exists(self.record) or os.path.exists(self.scratch):

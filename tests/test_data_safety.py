@@ -322,6 +322,15 @@ def test_tampered_resume_records_and_scratch_are_recomputed(tmp_path):
         handle.write("[5]\n")
     assert started(True).finished == {0, 1, 2}
 
+    # A line torn by a crash in mid-append does not swallow the next entry.
+    with record.open("a") as handle:
+        handle.write('{"tile": 3, "crc')
+    torn = started(True)
+    tile_id, _peak, checksum = _tile_task(spec, torn.context, torn.tasks[3])
+    torn.record_done(tile_id, checksum)
+    torn.close()
+    assert started(True).finished == {0, 1, 2, 3}
+
     # A scratch zeroed behind the record's back: its tiles are computed again.
     scratch = Path(tiled.scratch)
     header = len(scratch.read_bytes()) - volume.size * 8 * 4 * 4
