@@ -85,6 +85,7 @@ from conv3dt.volumes import (
 )
 from conv3dt.volumes.base import (
     fsync_path,
+    is_live_local_temp,
     normalize_box,
     pwrite_all,
     rename_noreplace,
@@ -324,12 +325,16 @@ def remove_stale_temps(target: str) -> list[str]:
     """Remove the temporary files a killed writer left beside ``target``.
 
     Writers name them ``.NAME.conv3dt-tmp-*``; one whose process died without
-    cleaning up stays behind. Call this only when no other process is writing
-    ``target``. Returns the paths removed.
+    cleaning up stays behind, on whichever host its worker ran. Those of live
+    processes on this host are kept; call this only when no process on another
+    host is writing ``target``. Returns the paths removed.
     """
-    directory, name = os.path.split(os.path.abspath(_file_path(target)))
+    file_path = _file_path(target)
+    directory, name = os.path.split(os.path.abspath(file_path))
     pattern = os.path.join(glob.escape(directory), glob.escape(f".{name}.conv3dt-tmp-") + "*")
-    removed = sorted(glob.glob(pattern))
+    removed = [
+        path for path in sorted(glob.glob(pattern)) if not is_live_local_temp(path, file_path)
+    ]
     for path in removed:
         _remove(path)
     return removed

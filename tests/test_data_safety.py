@@ -207,6 +207,19 @@ def test_a_rerun_removes_the_temporary_file_of_a_killed_writer_only(tmp_path, jo
     assert _temps(tmp_path) == sorted([live.name, elsewhere.name])
 
 
+def test_cluster_cleanup_spares_the_temporary_file_of_a_live_writer(tmp_path):
+    pytest.importorskip("distributed")
+    from conv3dt.distributed import remove_stale_temps
+
+    host = socket.gethostname()
+    live = tmp_path / f".out.npy.conv3dt-tmp-{host}-{os.getpid()}-0badc0de"
+    dead = tmp_path / ".out.npy.conv3dt-tmp-worker-node-7-0badc0de"
+    for path in (live, dead):
+        path.write_bytes(b"x")
+    assert remove_stale_temps(str(tmp_path / "out.npy")) == [str(dead)]
+    assert _temps(tmp_path) == [live.name]
+
+
 # -- 8: clobbering --------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "VolumeWriter",
     "box_shape",
     "fsync_path",
+    "is_live_local_temp",
     "normalize_box",
     "pwrite_all",
     "read_raw_box",
@@ -276,6 +277,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _temp_writer(path: str, target: str) -> tuple[str, int] | None:
+    """The host and process id a temporary name of ``target`` records (None: another form)."""
+    prefix = f".{os.path.basename(os.path.abspath(target))}{_TEMP_MARK}"
+    name = os.path.basename(path)
+    if not name.startswith(prefix):
+        return None
+    parts = name[len(prefix) :].rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def is_live_local_temp(path: str, target: str) -> bool:
+    """Whether ``path`` is a temporary name of ``target`` whose writer runs on this host."""
+    writer = _temp_writer(path, target)
+    if writer is None or writer[0] != _host():
+        return False
+    return writer[1] == os.getpid() or _process_alive(writer[1])
+
+
 def remove_dead_temps(target: str) -> list[str]:
     """Remove the temporary files and directories of ``target`` whose writer has died.
 
@@ -290,14 +311,10 @@ def remove_dead_temps(target: str) -> list[str]:
     """
     directory, name = os.path.split(os.path.abspath(target))
     prefix = f".{name}{_TEMP_MARK}"
-    host = _host()
     removed = []
     for path in sorted(glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*"))):
-        parts = os.path.basename(path)[len(prefix) :].rsplit("-", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue
-        pid = int(parts[1])
-        if pid == os.getpid() or _process_alive(pid):
+        writer = _temp_writer(path, target)
+        if writer is None or writer[0] != _host() or is_live_local_temp(path, target):
             continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
