@@ -109,3 +109,64 @@ def write_spec(
         text = yaml.safe_dump(document, sort_keys=False)
     _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
     return [str(p) for p in targets]
+
+
+# init's options that describe a layer by hand; a preset makes its own.
+_LAYER_OPTIONS = (
+    "filters",
+    "kernel_size",
+    "strides",
+    "padding",
+    "output_padding",
+    "dilation_rate",
+    "data_format",
+    "activation",
+    "use_bias",
+    "kernel_initializer",
+    "bias_initializer",
+    "seed",
+)
+
+
+def write_preset_spec(
+    spec_path: str,
+    *,
+    preset: str,
+    factor: str,
+    boundary: str | None,
+    in_channels: int,
+    overwrite: bool,
+    given: set[str],
+) -> list[str]:
+    """Write a spec naming an interpolation preset (no weight files); return its path."""
+    import yaml
+
+    from conv3dt.spec import spec_from_preset
+
+    clashing = sorted(f"--{name.replace('_', '-')}" for name in given & set(_LAYER_OPTIONS))
+    if clashing:
+        raise click.UsageError(
+            f"--preset builds its own layer and weights; drop {', '.join(clashing)}"
+        )
+    path = Path(spec_path)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise click.BadParameter("the spec must end in .yaml, .yml or .json", param_hint="-o")
+    if not path.parent.exists():
+        raise click.BadParameter(f"directory {path.parent} does not exist", param_hint="-o")
+    if path.exists() and not overwrite:
+        raise CommandError(f"{path} exists; give --overwrite to replace it")
+    try:
+        document = spec_from_preset(
+            preset,
+            _triple(factor, "--factor"),
+            in_channels,
+            boundary,  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--factor") from None
+    if path.suffix.lower() == ".json":
+        text = json.dumps(document, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return [str(path)]

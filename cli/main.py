@@ -63,7 +63,22 @@ def _model_options(function: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Path(dir_okay=False),
         help="Layer spec (YAML or JSON): Keras layer arguments, weight files, seed.",
     )(function)
+    function = click.option(
+        "--boundary",
+        type=click.Choice(["zeros", "replicate", "reflect", "symmetric"]),
+        default=None,
+        help="What lies beyond the volume's edges: zeros (Keras's padding) or the edge "
+        "voxels replicated, reflected or mirrored (default: the spec's, else zeros; "
+        "replicate for presets).",
+    )(function)
     return function
+
+
+def _with_boundary(layer_spec: Any, boundary: str | None) -> Any:
+    """``layer_spec`` with the command line's --boundary, when one was given."""
+    if boundary is not None:
+        layer_spec.boundary = boundary
+    return layer_spec
 
 
 def _load_layer_spec(
@@ -321,6 +336,7 @@ def upsample(
     keras_model: str | None,
     model_config: str | None,
     layer_name: str | None,
+    boundary: str | None,
     seed: int | None,
     verbose: int,
     **options: Any,
@@ -336,8 +352,8 @@ def upsample(
             raise click.UsageError("--json and -o - both write to stdout; use one of them")
         code = run_upsample(
             list(inputs),
-            layer_spec_loader=lambda: _load_layer_spec(
-                spec, keras_model, layer_name, seed, model_config
+            layer_spec_loader=lambda: _with_boundary(
+                _load_layer_spec(spec, keras_model, layer_name, seed, model_config), boundary
             ),
             protected=(spec, keras_model, model_config),
             **options,
@@ -368,6 +384,7 @@ def inspect(
     keras_model: str | None,
     model_config: str | None,
     layer_name: str | None,
+    boundary: str | None,
     input_path: str | None,
     input_format: str | None,
     four_d_as_batch: bool,
@@ -386,7 +403,9 @@ def inspect(
             limit = None if memory_limit is None else parse_memory(memory_limit)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--memory-limit") from None
-        layer_spec = _load_layer_spec(spec, keras_model, layer_name, seed, model_config)
+        layer_spec = _with_boundary(
+            _load_layer_spec(spec, keras_model, layer_name, seed, model_config), boundary
+        )
         report = inspect_report(
             layer_spec,
             input_path,
@@ -424,8 +443,27 @@ def info(volumes: tuple[str, ...], input_format: str | None, as_json: bool, debu
     type=click.Path(dir_okay=False),
     help="Spec file to write (.yaml, .yml or .json); weights go beside it.",
 )
-@click.option("--filters", type=int, required=True, help="Number of output channels.")
-@click.option("--kernel-size", required=True, help="Kernel size: N or D,H,W.")
+@click.option(
+    "--preset",
+    type=click.Choice(["nearest", "linear"]),
+    default=None,
+    help="Write an interpolation spec instead of a layer with drawn weights "
+    "(nearest-neighbour or linear upsampling by --factor; see the README).",
+)
+@click.option(
+    "--factor",
+    default="2",
+    show_default=True,
+    help="With --preset: the upsampling factor, N or D,H,W (1 leaves an axis alone).",
+)
+@click.option(
+    "--boundary",
+    type=click.Choice(["zeros", "replicate", "reflect", "symmetric"]),
+    default=None,
+    help="With --preset: what lies beyond the edges (default replicate).",
+)
+@click.option("--filters", type=int, default=None, help="Number of output channels.")
+@click.option("--kernel-size", default=None, help="Kernel size: N or D,H,W.")
 @click.option("--strides", default="1", show_default=True, help="Strides: N or D,H,W.")
 @click.option("--padding", default="valid", show_default=True, help="valid or same.")
 @click.option(
@@ -467,11 +505,41 @@ def info(volumes: tuple[str, ...], input_format: str | None, as_json: bool, debu
 @click.option("--overwrite", is_flag=True, help="Replace an existing spec and weight files.")
 @_debug_option
 def init(spec_path: str, debug: bool, **layer_options: Any) -> None:
-    """Write a spec from layer options, with weights drawn from the initializers."""
-    with errors.reporting(debug):
-        from conv3dt_cli.init_spec import write_spec
+    """Write a spec from layer options, with weights drawn from the initializers.
 
-        written = write_spec(spec_path, **layer_options)
+    With --preset, write an interpolation spec (nearest or linear upsampling by
+    --factor, one kernel per channel of --in-channels) instead.
+    """
+    with errors.reporting(debug):
+        from conv3dt_cli.init_spec import write_preset_spec, write_spec
+
+        context = click.get_current_context()
+        given = {
+            name
+            for name in layer_options
+            if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+        }
+        preset = layer_options.pop("preset")
+        factor = layer_options.pop("factor")
+        boundary = layer_options.pop("boundary")
+        if preset is not None:
+            written = write_preset_spec(
+                spec_path,
+                preset=preset,
+                factor=factor,
+                boundary=boundary,
+                in_channels=layer_options["in_channels"],
+                overwrite=layer_options["overwrite"],
+                given=given,
+            )
+        else:
+            for option, name in (("--factor", "factor"), ("--boundary", "boundary")):
+                if name in given:
+                    raise click.UsageError(f"{option} goes with --preset")
+            for option, name in (("--filters", "filters"), ("--kernel-size", "kernel_size")):
+                if layer_options[name] is None:
+                    raise click.UsageError(f"Missing option '{option}' (or give --preset)")
+            written = write_spec(spec_path, **layer_options)
         for path in written:
             click.echo(f"wrote {path}", err=True)
 

@@ -69,7 +69,7 @@ from conv3dt.run import (
     compute_tile,
     peak_rss_bytes,
     prepare_file,
-    read_tile_input,
+    read_tile,
     storage_chunks,
     upsample_file,
     volume_engine,
@@ -495,8 +495,10 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
     tile = task.tile
     with set_threads(_engine_threads(context.threads)):
         with open_volume(context.input, context.input_format) as source:
-            x = read_tile_input(source, context.in_layout, task.sample, tile)
-        y = compute_tile(spec.layer, context.axes, x, tile, engine=context.engine)
+            x, compute_as = read_tile(
+                source, context.in_layout, task.sample, tile, context.axes, spec.boundary
+            )
+        y = compute_tile(spec.layer, context.axes, x, compute_as, engine=context.engine)
     stored = context.out_layout.from_canonical(y.astype(context.dtype, copy=False))
     out_box = normalize_box(
         context.out_layout.box(task.sample, tile.out_start, tile.out_stop), context.out_layout.shape
@@ -772,6 +774,7 @@ class TiledOutput:
             "tile_shape": list(prepared.plan.tile_shape),
             "dtype": str(self.storage_dtype),
             "engine": self.options.engine,
+            "boundary": spec.boundary,
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()

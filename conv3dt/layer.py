@@ -329,10 +329,14 @@ class Conv3DTranspose:
         self.built = True
 
     # ---------------------------------------------------------------- compute
-    def __call__(self, inputs: np.ndarray, *, engine: str = "auto") -> np.ndarray:
+    def __call__(
+        self, inputs: np.ndarray, *, engine: str = "auto", boundary: str = "zeros"
+    ) -> np.ndarray:
         """Apply the layer: ``activation(conv_transpose(inputs, kernel) + bias)``.
 
         The layer is built (weights drawn) on first call when no weights were set.
+        ``boundary`` (an extension beyond Keras, see :mod:`conv3dt.boundary`) says
+        what lies beyond the input's edges; the default ``"zeros"`` is Keras's.
         """
         x = np.asarray(inputs)
         self._check_rank(x.shape)
@@ -360,6 +364,7 @@ class Conv3DTranspose:
             self.data_format,
             self.dilation_rate,
             engine=engine,
+            boundary=boundary,
         ).astype(compute, copy=False)
         out = self.finish(out)
         self._activity_losses = []

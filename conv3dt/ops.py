@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from conv3dt import geometry
+from conv3dt.boundary import axis_pads, pad_volume
 from conv3dt.engine import conv_transpose_region, resolve_engine
 from conv3dt.validation import (
     standardize_data_format,
@@ -61,6 +62,7 @@ def conv3d_transpose(
     dilation_rate: IntOrTriple = 1,
     *,
     engine: str = "auto",
+    boundary: str = "zeros",
 ) -> np.ndarray:
     """3D transposed convolution, as ``keras.ops.conv_transpose`` computes it, plus a bias.
 
@@ -82,6 +84,11 @@ def conv3d_transpose(
         Force an engine implementation (for testing and benchmarking);
         ``"auto"`` picks one for the whole call
         (:func:`conv3dt.engine.engine_for_volume`).
+    boundary : {"zeros", "replicate", "reflect", "symmetric"}
+        What lies beyond the input's edges (an extension beyond Keras, see
+        :mod:`conv3dt.boundary`): the result equals padding the input with
+        ``numpy.pad`` (modes ``edge``, ``reflect``, ``symmetric``), convolving
+        and cropping back to the same shape and grid. ``"zeros"`` is Keras's.
 
     Returns
     -------
@@ -141,13 +148,21 @@ def conv3d_transpose(
     dtype = compute_dtype_for(x, kernel)
     work_dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
     engine = resolve_engine(engine, kernel.shape, strides_t, dilation_t, math.prod(xl.shape[:4]))
+    pads = axis_pads(axes, boundary)
+    out_start = tuple(g.crop_left for g in axes)
+    if pads is not None:
+        # In the padded input's coordinates: its voxel 0 is the original -left.
+        xl = pad_volume(xl, pads)
+        out_start = tuple(
+            o + p.left * g.stride for o, p, g in zip(out_start, pads, axes, strict=True)
+        )
     out = conv_transpose_region(
         xl,
         kernel,
         strides_t,
         dilation_t,
         (0, 0, 0),
-        tuple(g.crop_left for g in axes),
+        out_start,
         tuple(g.output_length for g in axes),
         work_dtype,
         engine=engine,

@@ -39,7 +39,7 @@ def inspect_report(
     input channel (the spec's seed) so shapes and statistics can be shown.
     """
     layer = spec.layer
-    report: dict[str, Any] = {"source": spec.source}
+    report: dict[str, Any] = {"source": spec.source, "boundary": spec.boundary}
     plan_info: dict[str, Any] | None = None
     if input_path is not None:
         from conv3dt.run import input_storage, naming_input, prepare

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from conv3dt import __version__, interrupt
+from conv3dt.boundary import axis_pads
 from conv3dt.dtypes import numpy_dtype
 from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region, resolve_engine
 from conv3dt.geometry import AxisGeometry
@@ -46,6 +47,7 @@ __all__ = [
     "peak_rss_bytes",
     "prepare",
     "prepare_file",
+    "read_tile",
     "read_tile_input",
     "storage_chunks",
     "upsample_file",
@@ -427,6 +429,49 @@ def read_tile_input(
     return layout.to_canonical(source.read(layout.box(sample, tile.in_start, tile.in_stop)))
 
 
+def read_tile(
+    source: VolumeReader,
+    layout: DiskLayout,
+    sample: int,
+    tile: Tile,
+    axes: tuple[AxisGeometry, ...],
+    boundary: str = "zeros",
+) -> tuple[np.ndarray, Tile]:
+    """The input box one tile needs under ``boundary``, and the tile to compute it as.
+
+    Under ``"zeros"`` this is :func:`read_tile_input` and ``tile`` itself. Under
+    the other modes (:mod:`conv3dt.boundary`) a tile at the volume's edge also
+    needs the padding beyond it: the voxels the mode copies there are read
+    and placed, and the returned tile is in the padded volume's coordinates,
+    as the whole-volume call computes it, so the tile's values equal the same
+    box of the untiled result bit for bit.
+    """
+    pads = axis_pads(axes, boundary)
+    if pads is None:
+        return read_tile_input(source, layout, sample, tile), tile
+    spans = [
+        pad.span(g, a, b)
+        for pad, g, a, b in zip(pads, axes, tile.out_start, tile.out_stop, strict=True)
+    ]
+    sources = [pad.source[start:stop] for pad, (start, stop) in zip(pads, spans, strict=True)]
+    first = tuple(int(s.min()) if s.size else 0 for s in sources)
+    last = tuple(int(s.max()) + 1 if s.size else 0 for s in sources)
+    x = layout.to_canonical(source.read(layout.box(sample, first, last)))
+    for axis, (indices, start) in enumerate(zip(sources, first, strict=True), start=1):
+        x = np.take(x, indices - start, axis=axis)
+    padded = Tile(
+        out_start=tuple(  # type: ignore[arg-type]
+            o + p.left * g.stride for o, p, g in zip(tile.out_start, pads, axes, strict=True)
+        ),
+        out_stop=tuple(  # type: ignore[arg-type]
+            o + p.left * g.stride for o, p, g in zip(tile.out_stop, pads, axes, strict=True)
+        ),
+        in_start=tuple(a for a, _ in spans),  # type: ignore[arg-type]
+        in_stop=tuple(b for _, b in spans),  # type: ignore[arg-type]
+    )
+    return x, padded
+
+
 def volume_engine(
     layer: Conv3DTranspose, axes: tuple[AxisGeometry, ...], batch: int, engine: str
 ) -> str:
@@ -657,18 +702,18 @@ def upsample_file(
             # The batch outermost: a NIfTI 4th axis is the slowest on disk.
             jobs = [(b, tile) for b in range(in_layout.batch) for tile in plan]
 
-            def read(job: tuple[int, Tile]) -> np.ndarray:
+            def read(job: tuple[int, Tile]) -> tuple[np.ndarray, Tile]:
                 sample, tile = job
-                return read_tile_input(source, in_layout, sample, tile)
+                return read_tile(source, in_layout, sample, tile, plan.axes, spec.boundary)
 
             pending_read: Future | None = pool.submit(read, jobs[0]) if jobs else None
             pending_write: Future | None = None
             for index, (sample, tile) in enumerate(jobs):
                 interrupt.check()
                 assert pending_read is not None
-                x = pending_read.result()
+                x, compute_as = pending_read.result()
                 pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
-                y = compute_tile(layer, plan.axes, x, tile, engine=engine, buffers=buffers)
+                y = compute_tile(layer, plan.axes, x, compute_as, engine=engine, buffers=buffers)
                 del x
                 stored = out_layout.from_canonical(y.astype(prepared.storage_dtype, copy=False))
                 del y

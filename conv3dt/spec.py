@@ -13,6 +13,12 @@ A spec looks like::
       bias: bias.npy
       layout: keras       # keras (kd, kh, kw, filters, in) or torch (in, filters, kd, kh, kw)
     seed: 0
+    boundary: zeros       # optional: zeros (Keras's), replicate, reflect or symmetric
+
+or, for interpolation without a trained model (:mod:`conv3dt.presets`)::
+
+    preset: {name: linear, factor: [2, 2, 2], channels: 1}
+    boundary: replicate   # a preset's default
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from conv3dt.boundary import BOUNDARIES, check_boundary
 from conv3dt.dtypes import numpy_dtype
 from conv3dt.layer import _ALLOWED_KWARGS, _IGNORED_KWARGS, Conv3DTranspose
 from conv3dt.plan import available_memory, format_bytes
+from conv3dt.presets import check_factor, preset_config, preset_layer
 from conv3dt.validation import excerpt, weight_count
 from conv3dt.weight_files import read_weight_array
 
@@ -43,9 +51,11 @@ __all__ = [
     "load_spec",
     "load_weight_array",
     "spec_from_layer",
+    "spec_from_preset",
 ]
 
-_TOP_KEYS = ("layer", "weights", "seed")
+_TOP_KEYS = ("layer", "weights", "seed", "preset", "boundary")
+_PRESET_KEYS = ("name", "factor", "channels")
 # Nodes a spec may expand to through YAML aliases; a spec has a few dozen.
 _YAML_NODE_BUDGET = 10_000
 _WEIGHT_KEYS = ("kernel", "bias", "layout")
@@ -99,12 +109,17 @@ class LayerSpec:
         Seed for initializers when weights are drawn.
     files : tuple of str
         The spec file and the weight files it names (outputs must not replace them).
+    boundary : str
+        What lies beyond the volume's edges (:mod:`conv3dt.boundary`): the
+        spec's ``boundary:``, else ``"replicate"`` for a preset and ``"zeros"``
+        (Keras's) for any other layer. The command line may replace it.
     """
 
     layer: Conv3DTranspose
     source: str
     seed: int | None = None
     files: tuple[str, ...] = ()
+    boundary: str = "zeros"
 
     def ensure_built(self, in_channels: int, four_d: bool = False) -> None:
         """Draw weights for ``in_channels`` input channels if none were loaded.
@@ -292,6 +307,17 @@ def load_spec(path: str | os.PathLike) -> LayerSpec:
         raise SpecError(
             f"{spec_path}: unknown top-level key(s) {unknown[0]}; expected {list(_TOP_KEYS)}"
         )
+    boundary = document.get("boundary")
+    if boundary is not None:
+        try:
+            check_boundary(boundary)
+        except ValueError:
+            raise SpecError(
+                f"{spec_path}: field 'boundary' must be one of {', '.join(BOUNDARIES)}, "
+                f"got {excerpt(boundary)}"
+            ) from None
+    if "preset" in document:
+        return _load_preset(document, spec_path, boundary)
     config = document.get("layer")
     if not isinstance(config, dict):
         raise SpecError(
@@ -325,7 +351,63 @@ def load_spec(path: str | os.PathLike) -> LayerSpec:
             reference = weights.get(field)
             if isinstance(reference, str):
                 files.append(str(spec_path.parent / _split_reference(reference)[0]))
-    return LayerSpec(layer=layer, source=str(spec_path), seed=seed, files=tuple(files))
+    return LayerSpec(
+        layer=layer,
+        source=str(spec_path),
+        seed=seed,
+        files=tuple(files),
+        boundary=boundary or "zeros",
+    )
+
+
+def _load_preset(document: dict, spec_path: Path, boundary: str | None) -> LayerSpec:
+    """A spec whose ``preset:`` names an interpolation (:mod:`conv3dt.presets`)."""
+    for field in ("layer", "weights"):
+        if field in document:
+            raise SpecError(
+                f"{spec_path}: a spec with 'preset' builds its own layer and weights; "
+                f"remove '{field}' (or 'preset')"
+            )
+    preset = document["preset"]
+    if not isinstance(preset, dict):
+        raise SpecError(
+            f"{spec_path}: field 'preset' must be a mapping with 'name' and 'factor' "
+            "(and 'channels')"
+        )
+    unknown = _unknown_keys(preset, _PRESET_KEYS)
+    if unknown:
+        raise SpecError(
+            f"{spec_path}: unknown key(s) {unknown[0]} in 'preset'; expected {list(_PRESET_KEYS)}"
+        )
+    try:
+        layer = preset_layer(preset.get("name"), preset.get("factor", 2), preset.get("channels", 1))
+    except ValueError as exc:
+        raise SpecError(f"{spec_path}: preset: {exc}") from None
+    return LayerSpec(
+        layer=layer,
+        source=str(spec_path),
+        files=(str(spec_path),),
+        boundary=boundary or "replicate",
+    )
+
+
+def spec_from_preset(
+    name: str, factor: int | Sequence[int], channels: int = 1, boundary: str | None = None
+) -> dict[str, Any]:
+    """A spec document (a dict ready for YAML) naming a preset; checked as loading would.
+
+    Raises
+    ------
+    ValueError
+        On an unknown preset, factor, channel count or boundary.
+    """
+    factors = check_factor(factor)
+    preset_config(name, factors, channels)
+    document: dict[str, Any] = {
+        "preset": {"name": name, "factor": list(factors), "channels": channels}
+    }
+    document["boundary"] = check_boundary(boundary or "replicate")
+    return document
 
 
 def _apply_weights(layer: Conv3DTranspose, weights: Any, spec_path: Path) -> None:
