@@ -1161,6 +1161,14 @@ class _Batch:
 
     def _finish(self, index: int) -> None:
         tiled_output = self.runs[index]
+        try:
+            # Each task read only its tile's part of the input: a damaged
+            # .nii.gz shows only when its whole stream is checked.
+            with open_volume(tiled_output.job.input, self.options.input_format) as source:
+                source.verify()
+        except VolumeError as error:
+            self._fail(index, error)
+            return
         if not tiled_output.in_place:
             self._submit(
                 ("convert", index), _convert_task, tiled_output.convert_context(), first=True

@@ -727,6 +727,8 @@ def upsample_file(
                     progress(done, total)
             if pending_write is not None:
                 pending_write.result()
+            # A damaged .nii.gz shows only at its end: nothing is kept from it.
+            source.verify()
             writer.commit()
         input_shape = tuple(source.shape)
     seconds = time.perf_counter() - started

@@ -7,6 +7,7 @@ sizes wrap around.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tracemalloc
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 import yaml
@@ -292,3 +294,116 @@ def test_name_templates_are_checked_before_formatting(
     assert "--name" in result.output and needle in result.output, result.output
     assert len(result.output) < 300
     assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+# -- 3. Damaged .nii.gz streams ---------------------------------------------------
+
+
+def _nifti_bytes(volume: np.ndarray) -> bytes:
+    image = nib.Nifti1Image(volume, np.eye(4))
+    return image.to_bytes()
+
+
+def _random_volume() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((24, 24, 24)).astype(np.float32)
+
+
+def _zeroed_middle() -> bytes:
+    data = bytearray(gzip.compress(_nifti_bytes(_random_volume())))
+    middle = len(data) // 2
+    data[middle : middle + 50] = bytes(50)
+    return bytes(data)
+
+
+def _flipped_trailer(offset: int) -> bytes:
+    # The stream goes on past the image's data, where reads of the data never reach.
+    data = bytearray(gzip.compress(_nifti_bytes(_random_volume()) + bytes(1 << 16)))
+    data[offset] ^= 0xFF
+    return bytes(data)
+
+
+def _damaged_second_member() -> bytes:
+    second = bytearray(gzip.compress(b"more bytes after the image"))
+    second[-8] ^= 0xFF  # its CRC32
+    return gzip.compress(_nifti_bytes(_random_volume())) + bytes(second)
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        pytest.param(_zeroed_middle, id="zeroed-middle"),
+        pytest.param(lambda: _flipped_trailer(-8), id="crc32"),
+        pytest.param(lambda: _flipped_trailer(-4), id="isize"),
+        pytest.param(_damaged_second_member, id="second-member-crc32"),
+    ],
+)
+@pytest.mark.parametrize("tiles", [None, "8,8,8"])
+def test_damaged_gzip_stream_is_refused(
+    tmp_path: Path, damaged: Callable[[], bytes], tiles: str | None
+) -> None:
+    path = tmp_path / "damaged.nii.gz"
+    path.write_bytes(damaged())
+    out = tmp_path / "o.nii"
+    args = ["upsample", str(path), "--spec", str(_spec(tmp_path)), "-o", str(out)]
+    result = _run(*args, *(["--tile-shape", tiles] if tiles else []))
+    _assert_refused(result, tmp_path, out, "damaged.nii.gz", "gzip")
+
+
+def test_intact_gzip_with_trailing_zeros_and_members_is_read(tmp_path: Path) -> None:
+    volume = _random_volume()
+    plain = tmp_path / "plain.nii"
+    plain.write_bytes(_nifti_bytes(volume))
+    path = tmp_path / "members.nii.gz"
+    raw = _nifti_bytes(volume)
+    path.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(16))
+    spec = str(_spec(tmp_path))
+    for source, out in ((plain, "a.npy"), (path, "b.npy")):
+        result = _run("upsample", str(source), "--spec", spec, "-o", str(tmp_path / out))
+        assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+# -- 4. Header arithmetic ---------------------------------------------------------
+
+WRAPPING = (1 << 21, 1 << 21, 1 << 22)  # 2**64 voxels: an int64 product wraps to 0
+
+
+def test_npy_header_whose_size_wraps_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "wrapped.npy"
+    path.write_bytes(_npy_header(WRAPPING) + bytes(64))
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(path), "--spec", str(_spec(tmp_path)), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "wrapped.npy", "shape", str(WRAPPING))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti2_dims_whose_size_wraps_are_refused(tmp_path: Path, suffix: str) -> None:
+    header = nib.Nifti2Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape(WRAPPING)
+    header.set_data_offset(0)
+    buffer = io.BytesIO()
+    header.write_to(buffer)
+    data = buffer.getvalue()
+    data += bytes(int(header.get_data_offset()) - len(data)) + bytes(64)
+    path = tmp_path / f"wrapped{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix == ".nii.gz" else data)
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(path), "--spec", str(_spec(tmp_path)), "-o", str(out))
+    _assert_refused(result, tmp_path, out, path.name, "dim", str(WRAPPING))
+
+
+@pytest.mark.parametrize(
+    ("layer", "field"),
+    [
+        ("{filters: 2, kernel_size: 100000}", "kernel_size"),
+        ("{filters: 100000000000000000000000000, kernel_size: 3}", "filters"),
+    ],
+)
+def test_kernels_that_cannot_exist_name_the_field(tmp_path: Path, layer: str, field: str) -> None:
+    spec = tmp_path / "huge.yaml"
+    spec.write_text(f"layer: {layer}\n")
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--spec", str(spec), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "huge.yaml", field)
+    assert "memory-limit" not in result.output

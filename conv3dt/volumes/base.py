@@ -201,6 +201,21 @@ class VolumeReader:
         array = self._read(box)
         return np.ascontiguousarray(array, dtype=self.dtype)
 
+    def verify(self) -> None:
+        """Check what reading boxes could not, once the last box is read.
+
+        Formats whose integrity checks sit at the end of a stream (the gzip
+        CRC32 of a ``.nii.gz``) check them here; callers verify before they
+        declare an output complete.
+
+        Raises
+        ------
+        VolumeError
+            When the file turns out to be damaged.
+        """
+        if self._closed:
+            raise VolumeError(f"{self.path}: the volume is closed")
+
     def close(self) -> None:
         """Release the file; further reads raise :class:`VolumeError`."""
         if not self._closed:

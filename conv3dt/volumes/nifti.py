@@ -15,6 +15,7 @@ import gzip
 import io
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -86,14 +87,18 @@ class NiftiReader(VolumeReader):
         if stored.kind not in "biuf" or stored.fields is not None:
             raise VolumeError(f"{path}: unsupported NIfTI data type {stored}; expected numbers")
         compressed = path.lower().endswith(".gz")
-        if not compressed:
-            needed = int(image.dataobj.offset) + int(np.prod(image.shape)) * stored.itemsize
-            size = os.path.getsize(path)
-            if size < needed:
-                raise VolumeError(
-                    f"{path}: truncated NIfTI file: its data needs {needed} bytes "
-                    f"but the file has {size}"
-                )
+        # Python ints: the product of a NIfTI-2 header's int64 dims must not wrap.
+        needed = int(image.dataobj.offset) + math.prod(image.shape) * stored.itemsize
+        size = os.path.getsize(path)
+        # Deflate cannot expand data more than about 1032 times.
+        holds = size * _MAX_DEFLATE_RATIO + _GZIP_SLACK if compressed else size
+        if holds < needed:
+            raise VolumeError(
+                f"{path}: truncated or corrupt NIfTI file: its header's dim "
+                f"{tuple(image.shape)} needs {needed} bytes of data, more than the file "
+                f"{'can decompress to' if compressed else 'has'} ({holds})"
+            )
+        self._compressed = compressed
         self._image = image
         self.shape = tuple(int(n) for n in image.shape)
         self.dtype = np.dtype(np.float64 if stored == np.float64 else np.float32)
@@ -152,6 +157,35 @@ class NiftiReader(VolumeReader):
             local = tuple(i - s.start for i, s in zip(combo, box[3:], strict=True))
             out[(Ellipsis, *local)] = apply_read_scaling(raw, self._slope, self._inter)
         return out
+
+    def verify(self) -> None:
+        """Check the gzip CRC32 and length of every member of a ``.nii.gz``.
+
+        Reads stop where the data they need ends, so the checksums that gzip
+        keeps at each member's end are only reached here: the stream is
+        decompressed on from the furthest point a read reached (from the start
+        when none did) to the end of the file.
+
+        Raises
+        ------
+        VolumeError
+            When the compressed stream is damaged or truncated.
+        """
+        if not self._compressed:
+            return
+        try:
+            if self._planes is not None:
+                self._planes.verify()
+            else:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                try:
+                    _Inflater(fd).drain()
+                finally:
+                    os.close(fd)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise VolumeError(
+                f"{self.path}: damaged gzip stream ({exc}); the file is corrupt or truncated"
+            ) from None
 
     def _close(self) -> None:
         # Dropping the image closes the file the proxy keeps open.
@@ -523,6 +557,9 @@ class NiftiWriter(VolumeWriter):
 _INFLATE_INPUT = 64 << 10
 _INFLATE_OUTPUT = 256 << 10
 _GZIP_MAGIC = b"\x1f\x8b"
+# Deflate's largest expansion is 1032:1; the slack covers gzip headers of tiny files.
+_MAX_DEFLATE_RATIO = 1032
+_GZIP_SLACK = 1 << 16
 
 
 class _Inflater:
@@ -604,6 +641,37 @@ class _Inflater:
         while count > 0:
             count -= len(self._inflate(count))
 
+    def drain(self) -> None:
+        """Decompress to the end of the file, so zlib checks every member's trailer.
+
+        zlib compares each member's CRC32 and length (ISIZE) with what it
+        produced when it reaches the member's end. Zero bytes after the last
+        member are allowed, as :mod:`gzip` allows them.
+
+        Raises
+        ------
+        EOFError
+            When the file ends inside a member, or something other than a
+            gzip member follows one.
+        zlib.error
+            When the compressed data, a checksum or a length is wrong.
+        """
+        while True:
+            while not self._zlib.eof:
+                self._inflate(_INFLATE_OUTPUT)
+            rest = self._zlib.unused_data.lstrip(b"\0")
+            while len(rest) < len(_GZIP_MAGIC):
+                more = self._pread()
+                if not more:
+                    if rest:
+                        raise EOFError("the file ends inside a gzip member header")
+                    return
+                rest = (rest + more).lstrip(b"\0")
+            if rest[:2] != _GZIP_MAGIC:
+                raise EOFError("data that is not gzip follows the compressed stream")
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._tail = rest
+
 
 class _GzipPlanes:
     """Planes of a ``.nii.gz``'s data, decompressed forward and windowed per volume.
@@ -654,6 +722,17 @@ class _GzipPlanes:
                 cursor = self._cursors[volume] = _Cursor(self, volume)
             result.append(cursor.planes(first, stop))
         return result
+
+    def verify(self) -> None:
+        """Decompress from the furthest point any read reached to the end, checking trailers.
+
+        Every inflater here continues one decompression that began at the
+        file's start (snapshots are copies), so members it passed were checked
+        then; draining the furthest one checks the rest.
+        """
+        inflaters = [c._inflater for c in self._cursors.values() if c._inflater is not None]
+        inflaters += self._starts.values()
+        max(inflaters, key=lambda inflater: inflater.position).copy().drain()
 
     def close(self) -> None:
         self._cursors.clear()

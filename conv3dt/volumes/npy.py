@@ -10,6 +10,7 @@ and writes it to standard output at commit.
 from __future__ import annotations
 
 import io
+import math
 import os
 import sys
 from typing import BinaryIO
@@ -94,12 +95,13 @@ class NpyReader(VolumeReader):
             raise VolumeError(f"{self.path}: not a valid .npy file: {exc}") from None
         _check_dtype(file_dtype, self.path)
         self._offset = self._file.tell()
-        needed = self._offset + int(np.prod(shape)) * file_dtype.itemsize
+        # Python ints: a product of huge dimensions must not wrap to a small number.
+        needed = self._offset + math.prod(shape) * file_dtype.itemsize
         size = os.fstat(self._file.fileno()).st_size
         if size < needed:
             raise VolumeError(
-                f"{self.path}: truncated .npy file: its data needs {needed} bytes "
-                f"but the file has {size}"
+                f"{self.path}: truncated or corrupt .npy file: its header's shape "
+                f"{tuple(shape)} needs {needed} bytes but the file has {size}"
             )
         self.shape = tuple(shape)
         self.dtype = file_dtype.newbyteorder("=")
