@@ -22,14 +22,28 @@ numpy-write
 b256
     A 256**3 volume with 4 channels through an 8-filter, kernel 3, stride 2,
     same layer (a 4 GiB output); random voxels checked against a direct sum.
+b256nii
+    The b256 job (with b256) written as int16 ``.nii`` and ``.nii.gz``
+    (2 GiB); random voxels checked against the ``.npy`` output, quantized with
+    the file's scaling (exactly). To compare with the b256 row: its output is
+    channels last, NIfTI's channels slowest, so every tile is transposed.
 d256gz
     ``.nii.gz`` in and out: 256**3 through the kernel 2 stride 2 layer, every
     voxel checked against the closed form.
+e384ome
+    OME-Zarr in and out (NGFF 0.5, Zarr v3, input chunks of 64**3): 384**3
+    through the kernel 2 stride 2 layer with ``--pyramid 1``; every voxel of
+    level 0 checked against the closed form, and level 1 against the 2x2x2
+    mean of level 0 (needs zarr).
+f384tif
+    ImageJ TIFF in and out: a 384**3 stack through the kernel 2 stride 2
+    layer into a 768**3 hyperstack (1.7 GiB); every voxel checked against the
+    closed form (needs tifffile).
 
 Usage::
 
     python benchmarks/bench_streaming.py [--scratch DIR] [--memory-limit 512M]
-        [--cases a512,a512h5,numpy-write,b256,d256gz,a768] [--keep]
+        [--cases a512,a512h5,numpy-write,b256,b256nii,d256gz,e384ome,f384tif,a768] [--keep]
 
 Timings are wall-clock on whatever else the machine is doing: noisy.
 """
@@ -48,7 +62,17 @@ from pathlib import Path
 
 import numpy as np
 
-ALL_CASES = ("a512", "a512h5", "numpy-write", "b256", "d256gz", "a768")
+ALL_CASES = (
+    "a512",
+    "a512h5",
+    "numpy-write",
+    "b256",
+    "b256nii",
+    "d256gz",
+    "e384ome",
+    "f384tif",
+    "a768",
+)
 ALLOWANCE = 200 * 2**20  # the interpreter, NumPy, h5py, nibabel, Numba and their code
 TIME_FACTOR = 1.5
 SLAB = 16  # input planes per verification read
@@ -125,6 +149,36 @@ def write_nii_gz(path: Path, n: int, seed: int) -> None:
             handle.write(np.asfortranarray(slab.astype(np.float32)).tobytes(order="F"))
 
 
+def write_ome_zarr(path: Path, n: int, seed: int) -> None:
+    """A float32 NGFF 0.5 image of n**3 in chunks of 64**3, written slab by slab."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    array = group.create_array("0", shape=(n, n, n), chunks=(64, 64, 64), dtype="float32")
+    for start in range(0, n, 64):
+        rng = np.random.default_rng((seed, start))
+        array[start : start + 64] = rng.standard_normal((min(64, n - start), n, n), np.float32)
+    axes = [{"name": name, "type": "space", "unit": "micrometer"} for name in "zyx"]
+    dataset = {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 3}]}
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": axes, "datasets": [dataset]}],
+    }
+
+
+def write_tiff(path: Path, n: int, seed: int) -> None:
+    """A float32 ImageJ stack of n**3, its pages generated one at a time."""
+    import tifffile
+
+    def pages():
+        for start in range(n):
+            yield np.random.default_rng((seed, start)).standard_normal((n, n), np.float32)
+
+    tifffile.imwrite(
+        path, pages(), shape=(n, n, n), dtype=np.float32, imagej=True, metadata={"axes": "ZYX"}
+    )
+
+
 def write_spec(directory: Path, name: str, layer: dict, kernel: np.ndarray, bias: np.ndarray):
     np.save(directory / f"{name}_kernel.npy", kernel)
     np.save(directory / f"{name}_bias.npy", bias)
@@ -149,9 +203,14 @@ def closed_form_k2s2(x: np.ndarray, kernel: np.ndarray, bias: float) -> np.ndarr
     return out.reshape(2 * n0, 2 * n1, 2 * n2)
 
 
-def check_k2s2_c_order(input_path: Path, read_output, kernel, bias) -> tuple[int, float]:
-    """Compare every voxel, slab by slab; returns (mismatches, max abs difference)."""
-    x_all = np.load(input_path, mmap_mode="r")
+def check_k2s2_c_order(
+    input_path: Path, read_output, kernel, bias, source=None
+) -> tuple[int, float]:
+    """Compare every voxel, slab by slab; returns (mismatches, max abs difference).
+
+    The input is the .npy at ``input_path``, or ``source`` (any array-like) when given.
+    """
+    x_all = np.load(input_path, mmap_mode="r") if source is None else source
     mismatches, worst = 0, 0.0
     for start in range(0, x_all.shape[0], SLAB):
         x = np.array(x_all[start : start + SLAB])
@@ -180,6 +239,29 @@ def check_k2s2_nifti(input_path: Path, output_path: Path, kernel, bias) -> tuple
         mismatches += int(diff.sum())
         if diff.any():
             worst = max(worst, float(np.abs(got.astype(np.float64) - expected).max()))
+    return mismatches, worst
+
+
+def check_ome_zarr(input_path: Path, output_path: Path, kernel, bias) -> tuple[int, float]:
+    """Every voxel of level 0 against the closed form, and level 1 against level 0's 2x mean."""
+    import zarr
+
+    source = zarr.open_array(str(input_path / "0"), mode="r")
+    level0 = zarr.open_array(str(output_path / "0"), mode="r")
+    level1 = zarr.open_array(str(output_path / "1"), mode="r")
+    mismatches, worst = check_k2s2_c_order(
+        input_path, lambda a, b: np.asarray(level0[a:b]), kernel, bias, source=source
+    )
+    for start in range(0, level1.shape[0], SLAB):
+        fine = np.asarray(level0[2 * start : 2 * start + 2 * SLAB], dtype=np.float64)
+        z, y, x = (n // 2 for n in fine.shape)
+        expected = fine.reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5)).astype(np.float32)
+        got = np.asarray(level1[start : start + SLAB])
+        diff = np.abs(got.astype(np.float64) - expected)
+        # The mean is summed in float64 in a different order: equal to a float32 ulp.
+        bad = diff > 1e-6 * np.maximum(1.0, np.abs(expected))
+        mismatches += int(bad.sum())
+        worst = max(worst, float(diff.max()))
     return mismatches, worst
 
 
@@ -213,6 +295,47 @@ def check_same_layer_samples(
         worst = max(worst, error)
         bad += int(not np.allclose(got, value, rtol=1e-5, atol=1e-5))
     return bad, worst
+
+
+def check_int16_nifti_samples(
+    reference: Path, output: Path, count: int = 3000
+) -> tuple[int, float]:
+    """Random voxels of an int16 NIfTI output against the float32 .npy output of the same run.
+
+    The stored integers must be the reference quantized with the file's scaling,
+    exactly. The file is read forward once (a .nii.gz cannot be read otherwise).
+    """
+    import gzip
+
+    import nibabel as nib
+
+    y = np.load(reference, mmap_mode="r")
+    image = nib.load(output)
+    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+    shape = image.shape  # (i, j, k, 1, c): filters are vector components
+    rng = np.random.default_rng(0)
+    voxels = rng.integers(0, y.shape, size=(count, 4))
+    offsets = np.ravel_multi_index(
+        (voxels[:, 0], voxels[:, 1], voxels[:, 2], np.zeros(count, int), voxels[:, 3]),
+        shape,
+        order="F",
+    )
+    order = np.argsort(offsets)
+    got = np.empty(count, dtype=np.int16)
+    opener = gzip.open if output.name.endswith(".gz") else open
+    with opener(output, "rb") as handle:
+        handle.seek(int(image.dataobj.offset))
+        position, block = 0, 64 << 20
+        data = np.empty(0, dtype="<i2")
+        for index in order:
+            while offsets[index] >= position + data.size:
+                position += data.size
+                data = np.frombuffer(handle.read(block), dtype="<i2")
+            got[index] = data[offsets[index] - position]
+    expected = y[voxels[:, 0], voxels[:, 1], voxels[:, 2], voxels[:, 3]].astype(np.float64)
+    want = np.clip(np.rint((expected - inter) / slope), -32768, 32767).astype(np.int16)
+    diff = np.abs(got.astype(np.int64) - want)
+    return int((diff != 0).sum()), float(diff.max())
 
 
 # -- the cases ------------------------------------------------------------------------------
@@ -326,6 +449,14 @@ def main() -> int:
         seconds, rss, info, _ = measured([*base, "--spec", str(spec), str(src), "-o", str(dst)])
         check = check_same_layer_samples(src, dst, k3, b8)
         record("b256x4 k3s2 same 8f", 512**3 * 8 * 4, seconds, rss, info, check)
+        if "b256nii" in cases:
+            for extension in (".nii", ".nii.gz"):
+                target = scratch / f"b256_up{extension}"
+                command = [*base, "--spec", str(spec), str(src), "-o", str(target)]
+                seconds, rss, info, _ = measured([*command, "--output-dtype", "int16"])
+                check = check_int16_nifti_samples(dst, target)
+                record(f"b256x4 8f -> int16 {extension}", 512**3 * 8 * 2, seconds, rss, info, check)
+                target.unlink()
         dst.unlink()
         src.unlink()
     if "d256gz" in cases:
@@ -336,6 +467,33 @@ def main() -> int:
         seconds, rss, info, _ = measured([*base, "--spec", str(spec_k2), str(src), "-o", str(dst)])
         check = check_k2s2_nifti(src, dst, k2, float(b2[0]))
         record("d256 nii.gz->nii.gz", 512**3 * 4, seconds, rss, info, check)
+        dst.unlink()
+        src.unlink()
+    if "e384ome" in cases:
+        src = scratch / "e384.ome.zarr"
+        if not src.exists():
+            write_ome_zarr(src, 384, seed=384)
+        dst = scratch / "e384_up.ome.zarr"
+        command = [*base, "--spec", str(spec_k2), str(src), "-o", str(dst), "--pyramid", "1"]
+        seconds, rss, info, _ = measured(command)
+        check = check_ome_zarr(src, dst, k2, float(b2[0]))
+        record("e384 ome.zarr->ome.zarr", 768**3 * 4 * 9 / 8, seconds, rss, info, check)
+        shutil.rmtree(dst)
+        shutil.rmtree(src)
+    if "f384tif" in cases:
+        import tifffile
+
+        src = scratch / "f384.tif"
+        if not src.exists():
+            write_tiff(src, 384, seed=384)
+        dst = scratch / "f384_up.tif"
+        seconds, rss, info, _ = measured([*base, "--spec", str(spec_k2), str(src), "-o", str(dst)])
+        source, result = tifffile.memmap(src, mode="r"), tifffile.memmap(dst, mode="r")
+        check = check_k2s2_c_order(
+            src, lambda a, b: np.array(result[a:b]), k2, float(b2[0]), source=source
+        )
+        del source, result
+        record("f384 tif->tif", 768**3 * 4, seconds, rss, info, check)
         dst.unlink()
         src.unlink()
     if "a768" in cases:

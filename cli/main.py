@@ -19,7 +19,7 @@ from conv3dt_cli import errors
 
 log = logging.getLogger("conv3dt")
 
-_FORMATS = click.Choice(["npy", "nifti", "hdf5", "zarr"])
+_FORMATS = click.Choice(["npy", "nifti", "hdf5", "zarr", "ome-zarr", "tiff"])
 _OUTPUT_DTYPES = click.Choice(["float32", "float16", "float64", "int16", "uint8"])
 # conv3dt.engine.ENGINES, written out so that --help does not import the engines.
 _ENGINES = click.Choice(["auto", "gemm", "numba", "numpy"])
@@ -273,6 +273,26 @@ def main() -> None:
     "four_d_as_batch",
     is_flag=True,
     help="Treat a 4D NIfTI series as a batch of single-channel volumes.",
+)
+@click.option(
+    "--nifti-channels",
+    type=click.Choice(["vector", "volumes"]),
+    default="vector",
+    show_default=True,
+    help="How a NIfTI output stores several channels: a 5D vector image (intent vector), "
+    "or a 4th dimension as in a series.",
+)
+@click.option(
+    "--level",
+    type=click.IntRange(min=0),
+    help="Read this level of OME-Zarr inputs' multiscale image (default 0, full resolution).",
+)
+@click.option(
+    "--pyramid",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Add N downsampled levels to OME-Zarr outputs, each the 2x2x2 mean of the one before.",
 )
 @click.option(
     "--memory-limit",

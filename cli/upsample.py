@@ -16,11 +16,18 @@ import click
 from conv3dt_cli import errors
 
 log = logging.getLogger("conv3dt")
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let a scheduler's SIGTERM unwind like Ctrl-C, so partial outputs are removed."""
+    """Let a scheduler's SIGTERM unwind like Ctrl-C, so partial outputs are removed.
+
+    Both signals also record the request, which the writer threads poll: they
+    stop within a write rather than at the end of it. A request that reached
+    no code able to act on it (a KeyboardInterrupt swallowed in a ``__del__``
+    near the end of the run) still ends the command as interrupted.
+    """
 
     from conv3dt import interrupt
 
@@ -30,15 +37,25 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         interrupt.request()
         raise KeyboardInterrupt
 
+    def unraisable(report: Any) -> None:
+        # An interrupt raised inside a __del__ is recorded above and acted on
+        # below; Python's own report of it would be a stray traceback.
+        if not issubclass(report.exc_type, KeyboardInterrupt):
+            hook(report)
+
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {number: signal.signal(number, handler) for number in _STOP_SIGNALS}
     except ValueError:  # not the main thread (e.g. inside a test runner's thread)
         yield
         return
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
+    interrupt.check()
 
 
 def _progress_bars(enabled: bool, total_files: int) -> tuple[Any, Callable[[str], Any]]:
@@ -92,6 +109,9 @@ def run_upsample(
     dask_address: str | None = None,
     dask_scheduler_file: str | None = None,
     protected: tuple[str | None, ...] = (),
+    nifti_channels: str = "vector",
+    level: int | None = None,
+    pyramid: int = 0,
 ) -> int:
     """Process every input (or this shard's); return the exit code.
 
@@ -124,6 +144,7 @@ def run_upsample(
         output_format=output_format,
     )
     _check_extensions(jobs, input_format, output_format)
+    _check_ngff_options(jobs, input_format, output_format, level, pyramid)
     if chosen_shard is not None:
         jobs = _select_shard(jobs, *chosen_shard)
     if on_cluster and any("-" in (job.input, job.output) for job in jobs):
@@ -164,6 +185,9 @@ def run_upsample(
                 "memory_limit": limit,
                 "tile_shape": tiles,
                 "four_d_as_batch": four_d_as_batch,
+                "nifti_channels": nifti_channels,
+                "level": level,
+                "pyramid": pyramid,
                 "compression": compression,
                 "engine": engine,
                 "threads": threads,
@@ -207,6 +231,9 @@ def run_upsample(
                     engine=engine,
                     progress=progress,
                     overwrite=overwrite,
+                    nifti_channels=nifti_channels,
+                    level=level,
+                    pyramid=pyramid,
                 )
             except KeyboardInterrupt:
                 raise
@@ -231,65 +258,6 @@ def run_upsample(
     if files_bar is not None:
         files_bar.close()
     return _finish(_summary(failures, len(todo)), len(todo), len(jobs), started, show)
-
-
-def _is_terminal(stream: Any) -> bool:
-    """Whether ``stream`` is a terminal (one function, for tests to stand in for one)."""
-    return stream.isatty()
-
-
-def _check_streams(
-    inputs: list[str], output: str | None, input_format: str | None, output_format: str | None
-) -> None:
-    """Refuse what ``-`` (an .npy stream on stdin or stdout) cannot do, before any work."""
-    if "-" in inputs and input_format not in (None, "npy"):
-        raise click.UsageError(
-            f"stdin ('-') takes an .npy stream only, not --input-format {input_format}; "
-            "give the file path instead"
-        )
-    if output != "-":
-        return
-    if output_format not in (None, "npy"):
-        raise click.UsageError(
-            f"-o - writes an .npy stream only, not --output-format {output_format}; "
-            "give a file name instead"
-        )
-    if _is_terminal(sys.stdout):
-        raise click.UsageError(
-            "-o - writes binary .npy data to stdout, which is a terminal; redirect it "
-            "(> out.npy), pipe it into a command, or give a file name"
-        )
-
-
-def _check_extensions(jobs: list[Any], input_format: str | None, output_format: str | None) -> None:
-    """Every file's extension must name its format, unless its format option gives it.
-
-    Inputs first: an input's unknown extension is also its default output name's.
-    """
-    from conv3dt.batch import format_of
-
-    for job in jobs:
-        if input_format is None and job.input != "-" and format_of(job.input) is None:
-            raise click.UsageError(
-                f"{job.input}: no volume format has this extension; give --input-format "
-                "with the format it holds"
-            )
-    for job in jobs:
-        if output_format is None and job.output != "-" and format_of(job.output) is None:
-            raise click.UsageError(
-                f"{job.output}: no volume format has this extension; name it .npy, .nii, "
-                ".nii.gz, .h5, .hdf5 or .zarr, or give --output-format"
-            )
-
-
-def _finish(code: int, written: int, planned: int, started: float, show: bool) -> int:
-    """Say at a terminal what a successful run wrote and how long it took; return ``code``."""
-    if code == 0 and show:
-        skipped = f" ({planned - written} skipped: they exist)" if planned > written else ""
-        plural = "" if written == 1 else "s"
-        seconds = time.perf_counter() - started
-        click.echo(f"conv3dt: wrote {written} output{plural}{skipped} in {seconds:.1f} s", err=True)
-    return code
 
 
 def _refuse_clobbering(jobs: list[Any], sources: tuple[str | None, ...]) -> None:
@@ -325,6 +293,92 @@ def _refuse_replacing_a_directory(output: str, output_format: str | None) -> Non
         f"{output} is a directory that is not a Zarr store; --overwrite replaces only "
         "files and Zarr stores, so remove it yourself or choose another output"
     )
+
+
+def _check_ngff_options(
+    jobs: list[Any],
+    input_format: str | None,
+    output_format: str | None,
+    level: int | None,
+    pyramid: int,
+) -> None:
+    """Refuse --level for inputs and --pyramid for outputs that are not OME-Zarr."""
+    from conv3dt.batch import format_of
+
+    for job in jobs:
+        if level is not None and (input_format or format_of(job.input)) != "ome-zarr":
+            raise click.UsageError(
+                f"--level picks a level of an OME-Zarr input, and {job.input} is not one "
+                "(.ome.zarr, or --input-format ome-zarr)"
+            )
+        if pyramid and (output_format or format_of(job.output)) != "ome-zarr":
+            raise click.UsageError(
+                f"--pyramid adds levels to an OME-Zarr output, and {job.output} is not one "
+                "(name it .ome.zarr, or give --output-format ome-zarr)"
+            )
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (one function, for tests to stand in for one)."""
+    return stream.isatty()
+
+
+def _check_streams(
+    inputs: list[str], output: str | None, input_format: str | None, output_format: str | None
+) -> None:
+    """Refuse what ``-`` (an .npy stream on stdin or stdout) cannot do, before any work."""
+    if "-" in inputs and input_format not in (None, "npy"):
+        raise click.UsageError(
+            f"stdin ('-') takes an .npy stream only, not --input-format {input_format}; "
+            "give the file path instead"
+        )
+    if output != "-":
+        return
+    if output_format not in (None, "npy"):
+        raise click.UsageError(
+            f"-o - writes an .npy stream only, not --output-format {output_format}; "
+            "give a file name instead"
+        )
+    if sys.stdout is None:  # Python's stand-in when the process began with fd 1 closed
+        raise click.UsageError(
+            "-o - writes an .npy stream to stdout, which is closed; give a file name instead"
+        )
+    if _is_terminal(sys.stdout):
+        raise click.UsageError(
+            "-o - writes binary .npy data to stdout, which is a terminal; redirect it "
+            "(> out.npy), pipe it into a command, or give a file name"
+        )
+
+
+def _check_extensions(jobs: list[Any], input_format: str | None, output_format: str | None) -> None:
+    """Every file's extension must name its format, unless its format option gives it.
+
+    Inputs first: an input's unknown extension is also its default output name's.
+    """
+    from conv3dt.batch import format_of
+
+    for job in jobs:
+        if input_format is None and job.input != "-" and format_of(job.input) is None:
+            raise click.UsageError(
+                f"{job.input}: no volume format has this extension; give --input-format "
+                "with the format it holds"
+            )
+    for job in jobs:
+        if output_format is None and job.output != "-" and format_of(job.output) is None:
+            raise click.UsageError(
+                f"{job.output}: no volume format has this extension; name it .npy, .nii, "
+                ".nii.gz, .h5, .hdf5, .zarr, .ome.zarr, .tif or .ome.tif, or give --output-format"
+            )
+
+
+def _finish(code: int, written: int, planned: int, started: float, show: bool) -> int:
+    """Say at a terminal what a successful run wrote and how long it took; return ``code``."""
+    if code == 0 and show:
+        skipped = f" ({planned - written} skipped: they exist)" if planned > written else ""
+        plural = "" if written == 1 else "s"
+        seconds = time.perf_counter() - started
+        click.echo(f"conv3dt: wrote {written} output{plural}{skipped} in {seconds:.1f} s", err=True)
+    return code
 
 
 def _summary(failures: list[tuple[str, BaseException]], total: int) -> int:
@@ -446,7 +500,12 @@ def _run_on_cluster(
     # Dask's own messages duplicate the errors reported here; show them with -vv only.
     dask_level = logging.INFO if log.getEffectiveLevel() <= logging.DEBUG else logging.CRITICAL
     logging.getLogger("distributed").setLevel(dask_level)
-    session = connect(dask_address, scheduler_file=dask_scheduler_file, log_level=dask_level)
+    session = connect(
+        dask_address,
+        scheduler_file=dask_scheduler_file,
+        log_level=dask_level,
+        task_memory=run_options["memory_limit"],
+    )
     try:
         with _sigterm_as_interrupt(), session:
             log.info("Dask cluster: %s", session.client)

@@ -23,8 +23,27 @@ __all__ = [
     "strip_dataset",
 ]
 
-FORMAT_EXTENSIONS = {"npy": ".npy", "nifti": ".nii.gz", "hdf5": ".h5", "zarr": ".zarr"}
-_EXTENSIONS = (".nii.gz", ".nii", ".npy", ".h5", ".hdf5", ".zarr")
+FORMAT_EXTENSIONS = {
+    "npy": ".npy",
+    "nifti": ".nii.gz",
+    "hdf5": ".h5",
+    "zarr": ".zarr",
+    "ome-zarr": ".ome.zarr",
+    "tiff": ".tif",
+}
+_EXTENSIONS = (
+    ".nii.gz",
+    ".nii",
+    ".npy",
+    ".h5",
+    ".hdf5",
+    ".ome.zarr",
+    ".zarr",
+    ".ome.tiff",
+    ".ome.tif",
+    ".tiff",
+    ".tif",
+)
 _FORMATS = {
     ".nii.gz": "nifti",
     ".nii": "nifti",
@@ -32,6 +51,11 @@ _FORMATS = {
     ".h5": "hdf5",
     ".hdf5": "hdf5",
     ".zarr": "zarr",
+    ".ome.zarr": "ome-zarr",
+    ".ome.tiff": "tiff",
+    ".ome.tif": "tiff",
+    ".tiff": "tiff",
+    ".tif": "tiff",
 }
 
 
@@ -88,9 +112,9 @@ def format_of(path: str) -> str | None:
 
 
 def _is_volume_entry(path: str) -> bool:
-    """A volume file, or a Zarr array (which is a directory)."""
+    """A volume file, or a Zarr array or OME-Zarr image (which are directories)."""
     kind = format_of(path)
-    if kind == "zarr":
+    if kind in ("zarr", "ome-zarr"):
         return os.path.isdir(path)
     return kind is not None and os.path.isfile(path)
 
@@ -98,7 +122,7 @@ def _is_volume_entry(path: str) -> bool:
 def expand_inputs(items: list[str]) -> list[str]:
     """Expand directories (their volumes, sorted) and glob patterns, keep order, drop repeats.
 
-    A ``.zarr`` directory is a volume, not a directory of volumes.
+    A ``.zarr`` or ``.ome.zarr`` directory is a volume, not a directory of volumes.
 
     Raises
     ------
@@ -111,7 +135,7 @@ def expand_inputs(items: list[str]) -> list[str]:
             found.append(item)
             continue
         base = strip_dataset(item)
-        if os.path.isdir(item) and format_of(item) != "zarr":
+        if os.path.isdir(item) and format_of(item) not in ("zarr", "ome-zarr"):
             entries = sorted(
                 os.path.join(item, name)
                 for name in os.listdir(item)
@@ -119,7 +143,8 @@ def expand_inputs(items: list[str]) -> list[str]:
             )
             if not entries:
                 raise BatchError(
-                    f"{item}: directory holds no .npy, .nii, .nii.gz, .h5 or .zarr volumes"
+                    f"{item}: directory holds no .npy, .nii, .nii.gz, .h5, .zarr, .ome.zarr "
+                    "or .tif volumes"
                 )
             found.extend(entries)
         elif os.path.exists(base):

@@ -10,10 +10,12 @@ A batch is spread over the cluster's worker slots (its threads) in one of two wa
   disjoint regions: a ``.npy`` file created up front with its header and full
   size, into which each tile goes with positional writes of its own byte runs;
   or a Zarr array whose chunks are the tiles, so no two writers share a chunk.
-  A ``.npy`` or ``.zarr`` target *is* its scratch, renamed onto the target once
-  the last tile is in. NIfTI and HDF5 files are never written by several
-  processes: their tiles go to a scratch ``.npy`` that one worker converts into
-  the target at the end (under a temporary name, then renamed).
+  A ``.npy``, ``.zarr`` or ``.ome.zarr`` target *is* its scratch (an OME-Zarr
+  image's level 0 is that array; its further levels are computed from it at
+  the end), renamed onto the target once the last tile is in. NIfTI and HDF5
+  files are never written by several processes: their tiles go to a scratch
+  ``.npy`` that one worker converts into the target at the end (under a
+  temporary name, then renamed).
 
 Resume: a worker flushes each tile to disk (fsync) before reporting it done,
 with a CRC-32 of the tile's bytes; the client then appends the tile's id and
@@ -51,7 +53,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,7 +64,7 @@ from conv3dt.batch import Job
 from conv3dt.engine.threads import available_cores, set_threads
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layout import DiskLayout
-from conv3dt.plan import Plan, Tile
+from conv3dt.plan import Plan, Tile, available_memory, default_memory_limit, format_bytes
 from conv3dt.run import (
     FileSetup,
     RunResult,
@@ -73,6 +75,7 @@ from conv3dt.run import (
     storage_chunks,
     upsample_file,
     volume_engine,
+    writer_options,
 )
 from conv3dt.spec import LayerSpec
 from conv3dt.volumes import (
@@ -93,6 +96,7 @@ from conv3dt.volumes.base import (
 )
 from conv3dt.volumes.hdf5 import split_hdf5_path
 from conv3dt.volumes.npy import NpyReader
+from conv3dt.volumes.ome_zarr import create_ome_zarr, write_pyramid
 from conv3dt.volumes.zarr import (
     create_zarr_array,
     fsync_box,
@@ -105,10 +109,12 @@ from conv3dt.volumes.zarr import (
 __all__ = [
     "INSTALL_HINT",
     "SPLITS",
+    "WORKER_BASE_BYTES",
     "ClusterError",
     "DaskUnavailableError",
     "Session",
     "TiledOutput",
+    "capped_workers",
     "connect",
     "import_distributed",
     "local_workers",
@@ -118,10 +124,15 @@ __all__ = [
 ]
 
 log = logging.getLogger("conv3dt")
+#: What one local worker process holds besides its task: the interpreter,
+#: NumPy, Numba, h5py and Dask's own state (about 230 MB each, measured).
+WORKER_BASE_BYTES = 256 * 2**20
 
 INSTALL_HINT = "pip install 'conv3dt[dask]'"
 SPLITS = ("auto", "files", "tiles")
 _FLOAT_DTYPES = tuple(np.dtype(t) for t in ("float32", "float16", "float64"))
+# Targets whose scratch is the target itself, in chunks that are the tiles.
+_ZARR_SCRATCH = ("zarr", "ome-zarr")
 # Tiles per worker slot when a file is split for the cluster: more than one
 # evens out the slots' finishing times.
 _TILES_PER_SLOT = 2
@@ -193,6 +204,34 @@ def local_workers(address: str) -> int | None:
     return int(count)
 
 
+def capped_workers(requested: int, task_memory: int | None = None) -> int:
+    """``requested`` local workers, or as many as this machine holds when that is fewer.
+
+    One single-threaded worker per available core, and no more than the
+    available memory holds at :data:`WORKER_BASE_BYTES` plus one task's budget
+    each. Logs a warning when it caps.
+    """
+    budget = default_memory_limit() if task_memory is None else int(task_memory)
+    per_worker = WORKER_BASE_BYTES + budget
+    memory = available_memory()
+    cores = available_cores()
+    cap = max(1, min(cores, memory // per_worker))
+    if requested <= cap:
+        return requested
+    log.warning(
+        "local:%d asks for %d workers, but this machine holds %d: %d cores, and %s of "
+        "memory available for %s per worker; starting %d",
+        requested,
+        requested,
+        cap,
+        cores,
+        format_bytes(memory),
+        format_bytes(per_worker),
+        cap,
+    )
+    return cap
+
+
 @dataclass
 class Session:
     """A connected client, and the local cluster it started (if any).
@@ -233,6 +272,7 @@ def connect(
     scheduler_file: str | None = None,
     timeout: float = 30.0,
     log_level: int = logging.ERROR,
+    task_memory: int | None = None,
 ) -> Session:
     """Connect to a Dask scheduler, or start a local cluster.
 
@@ -249,6 +289,10 @@ def connect(
     log_level : int
         What a local cluster's scheduler and workers log (task failures are
         reported to the caller anyway).
+    task_memory : int, optional
+        The memory budget of one task (default
+        :func:`conv3dt.plan.default_memory_limit`): a local cluster gets no
+        more workers than the available memory holds (see :func:`capped_workers`).
 
     Returns
     -------
@@ -270,6 +314,8 @@ def connect(
             f"address={address!r}, scheduler_file={scheduler_file!r}"
         )
     workers = None if address is None else local_workers(address)
+    if workers is not None:
+        workers = capped_workers(workers, task_memory)
     distributed = import_distributed()
     where = address if scheduler_file is None else f"the scheduler file {scheduler_file}"
     try:
@@ -306,6 +352,11 @@ def connect(
 def worker_slots(client: Any) -> int:
     """Tasks the cluster runs at once: its workers' threads (at least 1)."""
     return max(1, sum(client.nthreads().values()))
+
+
+def _level0(scratch: str, scratch_format: str) -> str:
+    """The directory of the Zarr array tiles are written into (an OME-Zarr image's level 0)."""
+    return os.path.join(scratch, "0") if scratch_format == "ome-zarr" else scratch
 
 
 def _file_path(path: str) -> str:
@@ -354,6 +405,9 @@ class _Options:
     threads: int | None
     tile_shape: tuple[int, int, int] | None
     overwrite: bool = True
+    nifti_channels: str = "vector"
+    level: int | None = None
+    pyramid: int = 0
 
 
 def _engine_threads(requested: int | None) -> int:
@@ -388,6 +442,9 @@ def _file_task(spec: LayerSpec, job: Job, options: _Options) -> RunResult:
             engine=options.engine,
             tile_shape=options.tile_shape,
             overwrite=options.overwrite,
+            nifti_channels=options.nifti_channels,
+            level=options.level,
+            pyramid=options.pyramid,
         )
 
 
@@ -454,6 +511,7 @@ class _TileContext:
     dtype: np.dtype
     engine: str
     threads: int | None
+    level: int | None = None
 
 
 @dataclass(frozen=True)
@@ -473,6 +531,8 @@ class _ConvertContext:
     compression: str | None
     boxes: tuple[tuple[slice, ...], ...]
     overwrite: bool
+    writer_options: dict[str, Any] = field(default_factory=dict)
+    level: int | None = None
 
 
 def _tile_checksum(stored: np.ndarray, dtype: np.dtype) -> int:
@@ -494,7 +554,7 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
     """
     tile = task.tile
     with set_threads(_engine_threads(context.threads)):
-        with open_volume(context.input, context.input_format) as source:
+        with open_volume(context.input, context.input_format, level=context.level) as source:
             x, compute_as = read_tile(
                 source, context.in_layout, task.sample, tile, context.axes, spec.boundary
             )
@@ -505,10 +565,11 @@ def _tile_task(spec: LayerSpec, context: _TileContext, task: _TileTask) -> tuple
     )
     checksum = _tile_checksum(stored, context.dtype)
     try:
-        if context.scratch_format == "zarr":
-            array = open_zarr_array(context.scratch, "r+")
+        if context.scratch_format in _ZARR_SCRATCH:
+            root = _level0(context.scratch, context.scratch_format)
+            array = open_zarr_array(root, "r+")
             array[out_box] = stored
-            fsync_box(array, context.scratch, out_box)
+            fsync_box(array, root, out_box)
         else:
             shape = context.out_layout.shape
             if context.scratch_order == "F":
@@ -531,7 +592,7 @@ def _convert_task(context: _ConvertContext) -> int:
         if os.path.exists(_file_path(context.target)):
             return peak_rss_bytes()  # an earlier attempt finished before its worker died
         raise VolumeError(f"{context.scratch}: the scratch output of {context.target} is missing")
-    with open_volume(context.input, context.input_format) as source:
+    with open_volume(context.input, context.input_format, level=context.level) as source:
         template = source.metadata
     with NpyReader(context.scratch) as scratch:
         writer = create_volume(
@@ -544,6 +605,7 @@ def _convert_task(context: _ConvertContext) -> int:
             attrs=context.attrs,
             compression=context.compression,
             overwrite=context.overwrite,
+            **context.writer_options,
         )
         with writer:
             for box in context.boxes:
@@ -659,7 +721,7 @@ class TiledOutput:
 
     Made on the client: reads the input's header, plans the tiles (at least
     ``min_tiles`` when the options force no tile shape) and names the scratch
-    ``.NAME.conv3dt-partial.npy`` (``.zarr`` for a Zarr target) and its
+    ``.NAME.conv3dt-partial.npy`` (``.zarr``, ``.ome.zarr`` for those targets) and its
     completion record ``.NAME.conv3dt-partial.jsonl``.
 
     Parameters
@@ -681,7 +743,7 @@ class TiledOutput:
     def __init__(self, spec: LayerSpec, job: Job, options: _Options, *, min_tiles: int = 1) -> None:
         self.job = job
         self.options = options
-        with open_volume(job.input, options.input_format) as source:
+        with open_volume(job.input, options.input_format, level=options.level) as source:
             setup = _setup(spec, source, job.output, options, options.tile_shape)
             batch = setup.prepared.in_layout.batch
             if options.tile_shape is None and len(setup.prepared.plan) * batch < min_tiles:
@@ -689,6 +751,7 @@ class TiledOutput:
                 setup = _setup(spec, source, job.output, options, finer)
             self.input_shape = tuple(source.shape)
             template_attrs = dict(source.metadata.attrs)
+            self._template = source.metadata
         self.prepared = prepared = setup.prepared
         if options.tile_shape is None and math.prod(prepared.plan.tile_shape) < _SMALL_TILE_VOXELS:
             log.warning(
@@ -700,7 +763,7 @@ class TiledOutput:
             )
         self.format = setup.output_format
         self.output_dtype = prepared.output_dtype
-        if self.format in ("npy", "zarr") and self.output_dtype not in _FLOAT_DTYPES:
+        if self.format in ("npy", *_ZARR_SCRATCH) and self.output_dtype not in _FLOAT_DTYPES:
             raise VolumeError(
                 f"{job.output}: {self.format} output cannot be written as dtype="
                 f"{self.output_dtype}; expected one of float32, float16, float64"
@@ -711,8 +774,8 @@ class TiledOutput:
                 f"{options.compression!r} for {self.format} output"
             )
         self.storage_dtype = prepared.storage_dtype
-        self.in_place = self.format in ("npy", "zarr")
-        scratch_format = "zarr" if self.format == "zarr" else "npy"
+        self.in_place = self.format in ("npy", *_ZARR_SCRATCH)
+        scratch_format = self.format if self.format in _ZARR_SCRATCH else "npy"
         # A NIfTI target is stored in Fortran order: a scratch in the same order
         # lets the final copy read contiguous slabs.
         scratch_order = "F" if self.format == "nifti" else "C"
@@ -748,6 +811,7 @@ class TiledOutput:
             dtype=self.storage_dtype,
             engine=volume_engine(spec.layer, plan.axes, batch, options.engine),
             threads=options.threads,
+            level=options.level,
         )
         self.fingerprint = self._fingerprint(spec)
 
@@ -782,7 +846,7 @@ class TiledOutput:
     # -- scratch and record ---------------------------------------------
 
     def _scratch_intact(self) -> bool:
-        if self.context.scratch_format == "zarr":
+        if self.context.scratch_format in _ZARR_SCRATCH:
             return os.path.isdir(self.scratch)
         shape = self.prepared.out_layout.shape
         expected = self.context.data_offset + math.prod(shape) * self.storage_dtype.itemsize
@@ -798,6 +862,21 @@ class TiledOutput:
             chunks = storage_chunks(self.prepared.out_layout, self.prepared.plan.tile_shape)
             attrs = zarr_attrs(self._template_attrs, self.prepared.affine, self.attrs)
             create_zarr_array(self.scratch, shape, self.storage_dtype, chunks=chunks, attrs=attrs)
+            fsync_tree(self.scratch)
+            return
+        if self.context.scratch_format == "ome-zarr":
+            # The whole image with empty levels; tiles fill level 0, chunk a tile.
+            create_ome_zarr(
+                self.scratch,
+                shape,
+                self.storage_dtype,
+                labels=self.prepared.out_layout.axes,
+                template=self._template,
+                affine=self.prepared.affine,
+                attrs=self.attrs,
+                chunks=storage_chunks(self.prepared.out_layout, self.prepared.plan.tile_shape),
+                pyramid=self.options.pyramid,
+            )
             fsync_tree(self.scratch)
             return
         header = self._header
@@ -850,8 +929,8 @@ class TiledOutput:
         or replaced) are computed again.
         """
         layout = self.context.out_layout
-        if self.context.scratch_format == "zarr":
-            array = open_zarr_array(self.scratch, "r")
+        if self.context.scratch_format in _ZARR_SCRATCH:
+            array = open_zarr_array(_level0(self.scratch, self.context.scratch_format), "r")
             reader = None
         else:
             reader = NpyReader(self.scratch)
@@ -919,7 +998,10 @@ class TiledOutput:
         return self._done_voxels
 
     def finish_in_place(self) -> None:
-        """Rename a finished .npy or Zarr scratch onto the target, then drop the record.
+        """Rename a finished .npy, Zarr or OME-Zarr scratch onto the target, then drop the record.
+
+        An OME-Zarr image's further levels are computed here first, from the
+        finished level 0 (on the client, a chunk at a time).
 
         Raises
         ------
@@ -927,14 +1009,16 @@ class TiledOutput:
             Without ``overwrite``, when the target exists (the scratch and
             record are then kept).
         """
-        if self.context.scratch_format == "zarr":
+        if self.context.scratch_format == "ome-zarr" and self.options.pyramid:
+            write_pyramid(self.scratch)
+        if self.context.scratch_format in _ZARR_SCRATCH:
             fsync_tree(self.scratch)
         else:
             fsync_path(self.scratch)
         try:
             if not self.options.overwrite:
                 rename_noreplace(self.scratch, self.job.output)
-            elif self.context.scratch_format == "zarr":
+            elif self.context.scratch_format in _ZARR_SCRATCH:
                 replace_directory(self.scratch, self.job.output)
             else:
                 os.replace(self.scratch, self.job.output)
@@ -971,6 +1055,12 @@ class TiledOutput:
             compression=self.options.compression,
             boxes=tuple(boxes),
             overwrite=self.options.overwrite,
+            writer_options={
+                **writer_options(self.prepared, self.options.nifti_channels),
+                "axes": layout.axes,
+                "pyramid": self.options.pyramid,
+            },
+            level=self.options.level,
         )
 
     def result(self, job: Job, seconds: float, peak: int) -> RunResult:
@@ -1089,7 +1179,9 @@ class _Batch:
             return
         for job in self.absolute:
             try:
-                with open_volume(job.input, self.options.input_format) as source:
+                with open_volume(
+                    job.input, self.options.input_format, level=self.options.level
+                ) as source:
                     _setup(self.spec, source, job.output, self.options, None)
                 return
             except ValueError:
@@ -1164,7 +1256,9 @@ class _Batch:
         try:
             # Each task read only its tile's part of the input: a damaged
             # .nii.gz shows only when its whole stream is checked.
-            with open_volume(tiled_output.job.input, self.options.input_format) as source:
+            with open_volume(
+                tiled_output.job.input, self.options.input_format, level=self.options.level
+            ) as source:
                 source.verify()
         except VolumeError as error:
             self._fail(index, error)
@@ -1222,6 +1316,9 @@ def upsample_batch(
     resume: bool = False,
     keep_going: bool = False,
     overwrite: bool = True,
+    nifti_channels: str = "vector",
+    level: int | None = None,
+    pyramid: int = 0,
     on_result: Callable[[RunResult], None] | None = None,
     on_error: Callable[[Job, BaseException], None] | None = None,
     progress: Callable[[Job, int, int], None] | None = None,
@@ -1254,6 +1351,11 @@ def upsample_batch(
         Whether outputs may replace existing files; when False, an output
         that exists once its file is finished (another process wrote it
         meanwhile) fails with :class:`conv3dt.volumes.OutputExistsError`.
+    nifti_channels : {"vector", "volumes"}
+        How NIfTI outputs store several channels (see :func:`conv3dt.run.writer_options`).
+    level, pyramid : int
+        The level of OME-Zarr inputs to read, and the levels OME-Zarr outputs
+        get after level 0 (as for :func:`conv3dt.run.upsample_file`).
     on_result : callable, optional
         Called with each file's RunResult as it finishes (completion order).
     on_error : callable, optional
@@ -1293,6 +1395,9 @@ def upsample_batch(
         threads=threads,
         tile_shape=None if tile_shape is None else tuple(int(t) for t in tile_shape),  # type: ignore[arg-type]
         overwrite=overwrite,
+        nifti_channels=nifti_channels,
+        level=level,
+        pyramid=pyramid,
     )
     batch = _Batch(
         client,

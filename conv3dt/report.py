@@ -9,7 +9,19 @@ import numpy as np
 
 from conv3dt.spec import LayerSpec
 
-__all__ = ["inspect_report", "weight_statistics"]
+__all__ = ["axis_names", "inspect_report", "weight_statistics"]
+
+# NIfTI's first three dimensions are its i, j, k; other formats' are z, y, x.
+_NIFTI_AXES = str.maketrans("zyx", "ijk")
+
+
+def axis_names(layout_axes: str, nifti: bool) -> str:
+    """A layout's axis labels as users read them, space-separated (``"i j k c"``).
+
+    ``b`` is a batch and ``c`` channels; the spatial axes are ``i j k`` for
+    NIfTI (first index fastest on disk), ``z y x`` for C-ordered arrays.
+    """
+    return " ".join(layout_axes.translate(_NIFTI_AXES) if nifti else layout_axes)
 
 
 def weight_statistics(array: np.ndarray) -> dict[str, Any]:
@@ -42,11 +54,12 @@ def inspect_report(
     report: dict[str, Any] = {"source": spec.source, "boundary": spec.boundary}
     plan_info: dict[str, Any] | None = None
     if input_path is not None:
-        from conv3dt.run import input_storage, naming_input, prepare
+        from conv3dt.run import SPATIAL_FIRST_FORMATS, input_storage, naming_input, prepare
         from conv3dt.volumes import open_volume
 
         with open_volume(input_path, input_format) as reader, naming_input(input_path):
-            spatial_first = reader.format == "nifti"
+            spatial_first = reader.format in SPATIAL_FIRST_FORMATS
+            nifti = reader.format == "nifti"
             prepared = prepare(
                 spec,
                 tuple(reader.shape),
@@ -73,9 +86,9 @@ def inspect_report(
         plan_info = {
             "input": input_path,
             "input_shape": input_shape,
-            "input_axes": prepared.in_layout.axes,
+            "input_axes": axis_names(prepared.in_layout.axes, nifti),
             "output_shape": list(prepared.out_layout.shape),
-            "output_axes": prepared.out_layout.axes,
+            "output_axes": axis_names(prepared.out_layout.axes, nifti),
             "output_dtype": str(prepared.output_dtype),
             "output_bytes": out_bytes,
             "flops": flops,

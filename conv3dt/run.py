@@ -11,6 +11,7 @@ name beside the target and renamed when complete.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -26,7 +27,7 @@ import numpy as np
 
 from conv3dt import __version__, interrupt
 from conv3dt.boundary import axis_pads
-from conv3dt.dtypes import numpy_dtype
+from conv3dt.dtypes import accumulation_dtype, numpy_dtype
 from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region, resolve_engine
 from conv3dt.geometry import AxisGeometry
 from conv3dt.layer import Conv3DTranspose
@@ -37,7 +38,9 @@ from conv3dt.volumes import VolumeReader, create_volume, detect_format, open_vol
 from conv3dt.volumes.affine import output_affine
 
 __all__ = [
+    "NIFTI_CHANNELS",
     "OUTPUT_DTYPES",
+    "SPATIAL_FIRST_FORMATS",
     "FileSetup",
     "Prepared",
     "RunResult",
@@ -52,13 +55,20 @@ __all__ = [
     "storage_chunks",
     "upsample_file",
     "volume_engine",
+    "writer_options",
 ]
 
 OUTPUT_DTYPES = ("float32", "float16", "float64", "int16", "uint8")
+log = logging.getLogger("conv3dt")
+# Formats whose arrays are spatial axes first, channels after, whatever the
+# layer's data_format: NIfTI (i, j, k, c) and TIFF (z, y, x, c; a page per plane).
+SPATIAL_FIRST_FORMATS = ("nifti", "tiff")
+# How a NIfTI output stores several channels: a vector image, or a 4th dimension.
+NIFTI_CHANNELS = ("vector", "volumes")
 _COUPLING_ACTIVATIONS = ("softmax", "log_softmax", "sparsemax", "glu")
 # Plan facts a run reports beside its measurements.
 _JSON_EXTRAS = ("tile_shape", "expected_peak_bytes", "memory_limit_bytes")
-_CHUNKED_FORMATS = ("hdf5", "zarr")
+_CHUNKED_FORMATS = ("hdf5", "zarr", "ome-zarr")
 
 
 @dataclass
@@ -192,6 +202,9 @@ def prepare(
     input_stream_itemsize: int = 0,
     output_format: str | None = None,
     output_compressed: bool = False,
+    output_sequential: bool = False,
+    axes: str | None = None,
+    output_channels_first: bool = False,
 ) -> Prepared:
     """Decide layouts, geometry, tiles and the output affine for an input of ``shape``.
 
@@ -225,6 +238,16 @@ def prepare(
         tiles (:attr:`Plan.chunks`); a compressed NIfTI output is a stream.
     output_compressed : bool
         The output is a ``.nii.gz``.
+    output_sequential : bool
+        The output is written front to back in C order (an ``.npy`` stream on
+        standard output): tiles are slabs along the first spatial axis, whole
+        along the other two, so that tile order is file order.
+    axes : str, optional
+        The input's layout labels when its format records them (OME-Zarr:
+        ``"czyx"``, ``"bczyx"``...), instead of deciding them from the rank.
+    output_channels_first : bool
+        Store the output's batch and channel axes before the spatial ones, in
+        that order (OME-Zarr, whose axes NGFF orders so).
 
     Raises
     ------
@@ -236,9 +259,14 @@ def prepare(
         raise ValueError(
             f"unsupported output dtype {output_dtype!r}; expected one of {', '.join(OUTPUT_DTYPES)}"
         )
-    in_layout = disk_layout(
-        shape, layer.data_format, spatial_first=spatial_first, four_d_as_batch=four_d_as_batch
-    )
+    if axes is not None:
+        if len(axes) != len(shape) or 0 in shape:
+            raise LayoutError(f"the volume's axes {axes!r} do not fit its shape {shape}")
+        in_layout = DiskLayout(axes, tuple(int(v) for v in shape))
+    else:
+        in_layout = disk_layout(
+            shape, layer.data_format, spatial_first=spatial_first, four_d_as_batch=four_d_as_batch
+        )
     spec.ensure_built(in_layout.channels, four_d=in_layout.axes in ("zyxc", "czyx"))
     axes = layer.geometry(in_layout.spatial)
     out_spatial = tuple(g.output_length for g in axes)
@@ -260,6 +288,9 @@ def prepare(
                 "a batch of multi-channel volumes cannot be written as one NIfTI file"
             )
         out_layout = DiskLayout(labels, tuple(out_layout.size(label) for label in labels))
+    if output_channels_first:
+        labels = "".join(label for label in "bczyx" if label in out_layout.axes)
+        out_layout = DiskLayout(labels, tuple(out_layout.size(label) for label in labels))
     activation = _activation_name(layer)
     if activation == "glu":
         raise ValueError(
@@ -270,17 +301,26 @@ def prepare(
     if layer.data_format == "channels_first" and activation in _COUPLING_ACTIVATIONS:
         # These act along the last axis: in channels_first that is the width.
         whole.append(2)
-    split_order = (2, 1, 0) if storage_order == "F" else (0, 1, 2)
-    compute_itemsize = max(numpy_dtype(layer.compute_dtype).itemsize, 4)
     out_dtype = np.dtype(output_dtype)
-    spatial_chunks = None
-    if input_chunks is not None:
-        spatial_chunks = tuple(input_chunks[in_layout.axes.index(a)] for a in "zyx")
     # A compressed NIfTI output buffers planes of the stored dtype; integer
     # outputs go to a scratch file instead (their scaling waits for the range).
     stream_out = 0
     if output_format == "nifti" and output_compressed and out_dtype.kind == "f":
         stream_out = out_layout.channels * out_dtype.itemsize
+    out_order = {"nifti": "F", "npy": "C", "tiff": "C"}.get(output_format or "")
+    split_order = _split_order(
+        None if input_chunks is not None else storage_order,
+        out_order,
+        input_stream=input_stream_itemsize > 0,
+        output_stream=stream_out > 0 or output_sequential,
+    )
+    if output_sequential:
+        # Written front to back in C order: every tile spans the later axes whole.
+        whole.extend((1, 2))
+    compute_itemsize = max(numpy_dtype(layer.compute_dtype).itemsize, 4)
+    spatial_chunks = None
+    if input_chunks is not None:
+        spatial_chunks = tuple(input_chunks[in_layout.axes.index(a)] for a in "zyx")
     plan = plan_tiles(
         axes,
         in_layout.channels,
@@ -318,6 +358,28 @@ def naming_input(path: str) -> Iterator[None]:
     except (LayoutError, ChannelMismatchError) as error:
         error.args = (f"{'stdin' if path == '-' else path}: {error}",)
         raise
+
+
+def _split_order(
+    in_order: str | None, out_order: str | None, *, input_stream: bool, output_stream: bool
+) -> tuple[int, int, int]:
+    """The spatial axes to split first (outermost first) for these storage orders.
+
+    ``in_order`` and ``out_order`` are "C", "F" or None (chunked or unknown
+    storage, where any tile shape reads or writes whole chunks). A stream must
+    be visited in its file order, the input's first. Raw files whose orders
+    disagree (a C-order ``.npy`` to a Fortran-order ``.nii``) get slabs along
+    the middle axis: the other two then stay whole, so every tile reads and
+    writes long contiguous runs in both files, where slabs along either file's
+    slowest axis would cut the other file into runs of a few voxels.
+    """
+    slowest_first = {"C": (0, 1, 2), "F": (2, 1, 0)}
+    if input_stream or out_order is None or out_order == in_order:
+        return slowest_first[in_order or "C"]
+    if output_stream or in_order is None:
+        return slowest_first[out_order]
+    first, _, last = slowest_first[in_order]
+    return (1, first, last)
 
 
 def storage_chunks(layout: DiskLayout, spatial: tuple[int, int, int]) -> tuple[int, ...]:
@@ -388,10 +450,11 @@ def prepare_file(
         ``source``'s path; or for an unsupported ``output_dtype``.
     """
     target_format = output_format or detect_format(output_path)
-    spatial_first = source.format == "nifti"
+    spatial_first = source.format in SPATIAL_FIRST_FORMATS
     target_is_nifti = target_format == "nifti"
+    target_is_ngff = target_format == "ome-zarr"
     affine = source.metadata.affine if source.metadata is not None else None
-    if affine is None and target_is_nifti:
+    if affine is None and (target_is_nifti or target_is_ngff):
         affine = np.eye(4)
     with naming_input(source.path):
         prepared = prepare(
@@ -403,9 +466,12 @@ def prepare_file(
             output_dtype=output_dtype,
             memory_limit=memory_limit,
             tile_shape=tile_shape,
-            output_spatial_first=target_is_nifti or spatial_first,
+            output_spatial_first=target_format in SPATIAL_FIRST_FORMATS
+            or (spatial_first and not target_is_ngff),
+            output_channels_first=target_is_ngff,
             output_format=None if scratch else target_format,
             output_compressed=output_path.lower().endswith(".gz"),
+            output_sequential=output_path == "-" and not scratch,
             **input_storage(source),
         )
     chunks = None
@@ -427,6 +493,7 @@ def read_tile_input(
     ``layout`` is the input's stored layout and ``sample`` the volume of a batch.
     """
     return layout.to_canonical(source.read(layout.box(sample, tile.in_start, tile.in_stop)))
+
 
 
 def read_tile(
@@ -471,7 +538,6 @@ def read_tile(
     )
     return x, padded
 
-
 def volume_engine(
     layer: Conv3DTranspose, axes: tuple[AxisGeometry, ...], batch: int, engine: str
 ) -> str:
@@ -502,11 +568,10 @@ def compute_tile(
     """
     assert layer.kernel is not None
     compute = numpy_dtype(layer.compute_dtype)
-    work = np.dtype(np.float32) if compute.itemsize < 4 else compute
+    work = accumulation_dtype(compute)
     bias = layer.bias if layer.use_bias and layer.bias is not None else None
     region = (
-        x.astype(work, copy=False),
-        layer.kernel.astype(work, copy=False),
+        *layer.operands(x),
         layer.strides,
         layer.dilation_rate,
         tile.in_start,
@@ -589,18 +654,49 @@ def _fused_activation(layer: Conv3DTranspose) -> str | None:
     return None
 
 
+def writer_options(prepared: Prepared, nifti_channels: str = "vector") -> dict[str, Any]:
+    """How the output's metadata follows the layer, as keyword arguments of ``create_volume``.
+
+    ``strides`` (the voxel sizes a format records divide by them) and
+    ``nifti_vector``: a NIfTI output's several channels are stored as a vector
+    image unless ``nifti_channels`` is "volumes" (a 4th dimension, as a series).
+
+    Raises
+    ------
+    ValueError
+        When ``nifti_channels`` is neither "vector" nor "volumes".
+    """
+    if nifti_channels not in NIFTI_CHANNELS:
+        raise ValueError(
+            f"`nifti_channels` must be one of {NIFTI_CHANNELS}. "
+            f"Received nifti_channels={nifti_channels!r}"
+        )
+    layout = prepared.out_layout
+    return {
+        "strides": tuple(float(g.stride) for g in prepared.plan.axes),
+        "nifti_vector": nifti_channels == "vector" and "c" in layout.axes and layout.channels > 1,
+    }
+
+
+def _newly_infinite(values: np.ndarray, cast: np.ndarray) -> int:
+    """How many finite ``values`` became infinite in ``cast`` (a narrower float)."""
+    return int(np.count_nonzero(np.isinf(cast))) - int(np.count_nonzero(np.isinf(values)))
+
+
 def input_storage(reader: VolumeReader) -> dict[str, Any]:
     """How an open input is stored, as keyword arguments of :func:`prepare`.
 
     ``storage_order`` ("F" for NIfTI, else "C"), ``input_chunks`` (HDF5 / Zarr
-    chunk shape, or None) and ``input_stream_itemsize`` (``.nii.gz``: bytes per
-    stored value, read as a stream; else 0).
+    chunk shape, or None), ``input_stream_itemsize`` (``.nii.gz``: bytes per
+    stored value, read as a stream; else 0) and ``axes`` (the layout labels an
+    OME-Zarr image's metadata gives, else None).
     """
     chunks = getattr(reader, "chunks", None)
     return {
         "storage_order": "F" if reader.format == "nifti" else "C",
         "input_chunks": tuple(int(c) for c in chunks) if chunks else None,
         "input_stream_itemsize": int(getattr(reader, "stream_itemsize", 0)),
+        "axes": getattr(reader, "layout_axes", None),
     }
 
 
@@ -619,6 +715,9 @@ def upsample_file(
     tile_shape: tuple[int, int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = True,
+    nifti_channels: str = "vector",
+    level: int | None = None,
+    pyramid: int = 0,
 ) -> RunResult:
     """Apply the spec's layer to one volume file and write the result atomically.
 
@@ -633,7 +732,7 @@ def upsample_file(
         Paths (``-`` for an .npy stream on stdin / stdout, which is held whole
         in memory); HDF5 paths may end in ``:/group/dataset``.
     input_format, output_format : str, optional
-        "npy", "nifti" or "hdf5"; default from the extension.
+        One of :data:`conv3dt.volumes.FORMATS`; default from the extension.
     output_dtype : str
         One of :data:`OUTPUT_DTYPES`.
     memory_limit : int, optional
@@ -654,6 +753,12 @@ def upsample_file(
         a target that exists when the output is complete (another process
         wrote it meanwhile) is left as it is and
         :class:`conv3dt.volumes.OutputExistsError` is raised.
+    nifti_channels : {"vector", "volumes"}
+        How a NIfTI output stores several channels (see :func:`writer_options`).
+    level : int, optional
+        The level of an OME-Zarr input to read (default 0).
+    pyramid : int
+        Downsampled levels an OME-Zarr output gets after level 0.
 
     Returns
     -------
@@ -661,7 +766,7 @@ def upsample_file(
     """
     started = time.perf_counter()
     layer = spec.layer
-    with open_volume(input_path, input_format) as source:
+    with open_volume(input_path, input_format, level=level) as source:
         setup = prepare_file(
             spec,
             source,
@@ -686,6 +791,9 @@ def upsample_file(
             compression=compression,
             chunks=setup.chunks,
             overwrite=overwrite,
+            axes=out_layout.axes,
+            pyramid=pyramid,
+            **writer_options(prepared, nifti_channels),
         )
         # Stream buffers as large as the plan counted them, so they hold exactly
         # the planes neighbouring tiles share and nothing more.
@@ -698,6 +806,7 @@ def upsample_file(
         engine = volume_engine(layer, plan.axes, in_layout.batch, engine)
         # A tile is computed while the one before it is written.
         buffers = TileBuffers(2)
+        overflowed = 0  # finite values too large for a float16 output
         with writer, ThreadPoolExecutor(max_workers=2) as pool:
             # The batch outermost: a NIfTI 4th axis is the slowest on disk.
             jobs = [(b, tile) for b in range(in_layout.batch) for tile in plan]
@@ -715,8 +824,14 @@ def upsample_file(
                 pending_read = pool.submit(read, jobs[index + 1]) if index + 1 < len(jobs) else None
                 y = compute_tile(layer, plan.axes, x, compute_as, engine=engine, buffers=buffers)
                 del x
-                stored = out_layout.from_canonical(y.astype(prepared.storage_dtype, copy=False))
-                del y
+                # NumPy's own overflow warning would say "cast"; it is counted and
+                # reported once, in plain words, at the end.
+                with np.errstate(over="ignore"):
+                    cast = y.astype(prepared.storage_dtype, copy=False)
+                if cast.dtype == np.float16:
+                    overflowed += _newly_infinite(y, cast)
+                stored = out_layout.from_canonical(cast)
+                del y, cast
                 if pending_write is not None:
                     pending_write.result()
                 box = out_layout.box(sample, tile.out_start, tile.out_stop)
@@ -727,9 +842,18 @@ def upsample_file(
                     progress(done, total)
             if pending_write is not None:
                 pending_write.result()
+            # A stop requested during the last tile (and swallowed where it was
+            # raised) leaves nothing behind rather than a finished output.
+            interrupt.check()
             # A damaged .nii.gz shows only at its end: nothing is kept from it.
             source.verify()
             writer.commit()
+        if overflowed:
+            log.warning(
+                "%s: %d voxels exceeded float16's range (±65504) and were stored as inf",
+                output_path,
+                overflowed,
+            )
         input_shape = tuple(source.shape)
     seconds = time.perf_counter() - started
     return RunResult(

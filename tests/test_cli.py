@@ -57,7 +57,11 @@ def _read(path: Path) -> np.ndarray:
             )
             assert len(datasets) == 1
             return handle[datasets[0]][()]
-    return np.asarray(nib.load(path).dataobj)
+    image = nib.load(path)
+    if image.header.get_intent()[0] == "vector":
+        # Several filters are stored as vector components in the 5th dimension.
+        return np.asarray(image.dataobj)[:, :, :, 0]
+    return np.asarray(image.dataobj)
 
 
 def _spec(tmp_path: Path, layer: Conv3DTranspose, in_channels: int, seed: int = 3) -> Path:

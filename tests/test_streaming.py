@@ -67,7 +67,11 @@ def _load(path: Path) -> np.ndarray:
     if name.endswith(".h5"):
         with h5py.File(path, "r") as handle:
             return handle["data"][()]
-    return np.asarray(nib.load(path).dataobj)
+    image = nib.load(path)
+    if image.header.get_intent()[0] == "vector":
+        # Several filters are stored as vector components in the 5th dimension.
+        return np.asarray(image.dataobj)[:, :, :, 0]
+    return np.asarray(image.dataobj)
 
 
 def _canonical_input(stored: np.ndarray, channels_first: bool, nifti: bool) -> np.ndarray:

@@ -433,8 +433,8 @@ def test_detect_format(path, expected):
 def test_unknown_extension_and_format():
     with pytest.raises(VolumeError, match=r"scan\.mgz.*\.npy, \.nii, \.nii\.gz, \.h5, \.hdf5"):
         open_volume("scan.mgz")
-    with pytest.raises(ValueError, match="format='tiff'"):
-        open_volume("a.npy", format="tiff")
+    with pytest.raises(ValueError, match="format='mgz'"):
+        open_volume("a.npy", format="mgz")
 
 
 def test_explicit_format_overrides_the_extension(tmp_path):

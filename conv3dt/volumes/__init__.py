@@ -3,7 +3,9 @@
 Formats are chosen from the file name unless given: ``.npy`` (``"npy"``),
 ``.nii`` / ``.nii.gz`` (``"nifti"``), ``.h5`` / ``.hdf5`` (``"hdf5"``, with
 ``file.h5:/group/dataset`` naming a dataset), ``.zarr`` (``"zarr"``, a directory;
-needs the optional zarr package). The path ``"-"`` is a ``.npy``
+needs the optional zarr package), ``.ome.zarr`` (``"ome-zarr"``, an OME-Zarr
+image; zarr too), ``.tif`` / ``.tiff`` / ``.ome.tif`` (``"tiff"``; needs the
+optional tifffile package). The path ``"-"`` is a ``.npy``
 stream on standard input (reading) or standard output (writing).
 """
 
@@ -23,9 +25,11 @@ from conv3dt.volumes.base import (
     VolumeWriteError,
     VolumeWriter,
 )
-from conv3dt.volumes.hdf5 import Hdf5Reader, Hdf5Writer, split_hdf5_path
-from conv3dt.volumes.nifti import NIFTI_DTYPES, NiftiReader, NiftiWriter
+from conv3dt.volumes.hdf5 import VOXEL_SIZE_ATTRS, Hdf5Reader, Hdf5Writer, split_hdf5_path
+from conv3dt.volumes.nifti import NIFTI_DTYPES, NiftiReader, NiftiWriter, header_summary
 from conv3dt.volumes.npy import NpyReader, NpyStreamReader, NpyStreamWriter, NpyWriter
+from conv3dt.volumes.ome_zarr import OmeZarrReader, OmeZarrWriter
+from conv3dt.volumes.tiff import TIFF_EXTENSIONS, TiffReader, TiffWriter, tiff_dtypes
 from conv3dt.volumes.zarr import ZarrReader, ZarrWriter
 
 __all__ = [
@@ -37,13 +41,14 @@ __all__ = [
     "VolumeReader",
     "VolumeWriteError",
     "VolumeWriter",
+    "axis_labels",
     "create_volume",
     "describe",
     "detect_format",
     "open_volume",
 ]
 
-FORMATS = ("npy", "hdf5", "nifti", "zarr")
+FORMATS = ("npy", "hdf5", "nifti", "zarr", "ome-zarr", "tiff")
 _EXTENSIONS = {
     ".npy": "npy",
     ".nii": "nifti",
@@ -51,6 +56,8 @@ _EXTENSIONS = {
     ".h5": "hdf5",
     ".hdf5": "hdf5",
     ".zarr": "zarr",
+    ".ome.zarr": "ome-zarr",
+    **dict.fromkeys(TIFF_EXTENSIONS, "tiff"),
 }
 _FLOAT_DTYPES = tuple(np.dtype(t) for t in ("float32", "float16", "float64"))
 
@@ -88,7 +95,7 @@ def _check_format(format: str | None, path: str) -> str:
     return format
 
 
-def open_volume(path: str, format: str | None = None) -> VolumeReader:
+def open_volume(path: str, format: str | None = None, *, level: int | None = None) -> VolumeReader:
     """Open a volume for reading boxes.
 
     Parameters
@@ -96,8 +103,11 @@ def open_volume(path: str, format: str | None = None) -> VolumeReader:
     path : str
         A file path; ``file.h5:/group/dataset`` for an HDF5 dataset; ``"-"`` for a
         ``.npy`` stream on standard input (read fully into memory).
-    format : {"npy", "hdf5", "nifti", "zarr"}, optional
+    format : {"npy", "hdf5", "nifti", "zarr", "ome-zarr"}, optional
         Overrides the format the extension names.
+    level : int, optional
+        The level of an OME-Zarr multiscale image to read (default 0, the
+        full resolution); refused for other formats.
 
     Returns
     -------
@@ -111,6 +121,12 @@ def open_volume(path: str, format: str | None = None) -> VolumeReader:
         for an HDF5 file with several datasets and none named, the message lists them.
     """
     format = _check_format(format, path)
+    if format == "ome-zarr":
+        return OmeZarrReader(path, level)
+    if level is not None:
+        raise ValueError(
+            f"`level` applies to OME-Zarr images only. Received level={level!r} for {format} input"
+        )
     if path == "-":
         return NpyStreamReader()
     if format == "npy":
@@ -119,6 +135,8 @@ def open_volume(path: str, format: str | None = None) -> VolumeReader:
         return Hdf5Reader(path)
     if format == "zarr":
         return ZarrReader(path)
+    if format == "tiff":
+        return TiffReader(path)
     return NiftiReader(path)
 
 
@@ -146,6 +164,10 @@ def create_volume(
     chunks: tuple[int, ...] | None = None,
     value_range: tuple[float, float] | None = None,
     overwrite: bool = True,
+    strides: tuple[float, float, float] | None = None,
+    nifti_vector: bool = False,
+    axes: str | None = None,
+    pyramid: int = 0,
 ) -> VolumeWriter:
     """Create a volume to be written box by box, under a temporary name until commit.
 
@@ -188,6 +210,21 @@ def create_volume(
         existence check and the rename are one atomic step: a target that
         exists at commit (made meanwhile by another process, say) is left as
         it is and ``commit()`` raises :class:`OutputExistsError`.
+    axes : str, optional
+        OME-Zarr only: the stored axes' layout labels (``b`` written as the
+        time axis, ``c``, then ``z``, ``y``, ``x``), e.g. ``"czyx"``; default
+        from the rank (3: ``zyx``, 4: ``czyx``, 5: ``bczyx``).
+    pyramid : int
+        OME-Zarr only: downsampled levels to add after level 0, each the 2x2x2
+        mean of the one before.
+    strides : three floats, optional
+        Output voxels per input voxel along the spatial axes (stored order):
+        the voxel sizes the template records (NIfTI ``pixdim``, HDF5
+        ``element_size_um`` / ``resolution`` / ``spacing``) are divided by them.
+    nifti_vector : bool
+        NIfTI only: the 4th axis is channels, stored as the components of a
+        vector image (5D, ``dim[4] = 1``, intent ``NIFTI_INTENT_VECTOR``)
+        rather than as a 4th dimension that tools read as time.
 
     Returns
     -------
@@ -207,25 +244,56 @@ def create_volume(
         dtype = np.dtype(dtype)
     except TypeError:
         raise ValueError(f"`dtype` is not a NumPy dtype. Received dtype={dtype!r}") from None
-    allowed = NIFTI_DTYPES if format == "nifti" else _FLOAT_DTYPES
-    if dtype not in allowed:
+    allowed = {"nifti": NIFTI_DTYPES, "tiff": tiff_dtypes(path)}.get(format, _FLOAT_DTYPES)
+    # TIFF's own message says which kind of TIFF stores the dtype.
+    if dtype not in allowed and format != "tiff":
         raise VolumeError(
             f"{path}: {format} output cannot be written as dtype={dtype}; "
             f"expected one of {', '.join(str(d) for d in allowed)}"
         )
     if (compression is not None and format != "hdf5") or (
-        chunks is not None and format not in ("hdf5", "zarr")
+        chunks is not None and format not in ("hdf5", "zarr", "ome-zarr")
     ):
         raise ValueError(
             f"`compression` applies to HDF5 only and `chunks` to HDF5 and Zarr. Received "
             f"compression={compression!r}, chunks={chunks!r} for {format} output"
         )
+    if pyramid and format != "ome-zarr":
+        raise ValueError(
+            f"`pyramid` applies to OME-Zarr output only. Received pyramid={pyramid!r} "
+            f"for {format} output"
+        )
     if template is None:
         template = VolumeMetadata()
     if path == "-":
         return NpyStreamWriter(shape, dtype)
+    if format == "ome-zarr":
+        writer: VolumeWriter = OmeZarrWriter(
+            path,
+            shape,
+            dtype,
+            labels=axes,
+            template=template,
+            affine=affine,
+            attrs=attrs,
+            chunks=chunks,
+            pyramid=pyramid,
+        )
+        writer.overwrite = overwrite
+        return writer
     writer = _create_writer(
-        path, shape, dtype, format, template, affine, attrs, compression, chunks, value_range
+        path,
+        shape,
+        dtype,
+        format,
+        template,
+        affine,
+        attrs,
+        compression,
+        chunks,
+        value_range,
+        strides=strides,
+        nifti_vector=nifti_vector,
     )
     writer.overwrite = overwrite
     return writer
@@ -242,9 +310,14 @@ def _create_writer(
     compression: str | None,
     chunks: tuple[int, ...] | None,
     value_range: tuple[float, float] | None,
+    *,
+    strides: tuple[float, float, float] | None = None,
+    nifti_vector: bool = False,
 ) -> VolumeWriter:
     if format == "npy":
         return NpyWriter(path, shape, dtype)
+    if format == "tiff":
+        return TiffWriter(path, shape, dtype, template=template, attrs=attrs, strides=strides)
     if format == "hdf5":
         return Hdf5Writer(
             path,
@@ -255,6 +328,7 @@ def _create_writer(
             attrs=attrs,
             chunks=chunks,
             compression=compression,
+            strides=strides,
         )
     if format == "zarr":
         return ZarrWriter(
@@ -274,6 +348,8 @@ def _create_writer(
         affine=affine,
         attrs=attrs,
         value_range=value_range,
+        strides=strides,
+        vector=nifti_vector,
     )
 
 
@@ -288,6 +364,11 @@ def describe(reader: VolumeReader) -> dict[str, Any]:
         format: ``stored_dtype``, ``scaling`` (``{"slope", "inter"}`` or None
         when unscaled) and ``axis_codes`` (e.g. ``["R", "A", "S"]``) for NIfTI;
         ``dataset`` and ``datasets`` (every dataset in the file) for HDF5.
+        Every format: ``axis_labels`` (one per array axis, see
+        :func:`axis_labels`) and ``channels``; NIfTI adds ``nifti`` (see
+        :func:`conv3dt.volumes.nifti.header_summary`), HDF5 ``voxel_size_attrs``
+        (the voxel-size attributes present), TIFF ``tiff`` (``kind``: imagej, ome
+        or tiff; the series' axes as tifffile names them; the voxel size's unit).
     """
     metadata = reader.metadata
     info: dict[str, Any] = {
@@ -304,7 +385,48 @@ def describe(reader: VolumeReader) -> dict[str, Any]:
         identity = (slope, inter) == (1.0, 0.0)
         info["scaling"] = None if identity else {"slope": slope, "inter": inter}
         info["axis_codes"] = list(nib.aff2axcodes(metadata.affine))
+        info["nifti"] = header_summary(metadata.nifti_header)
     if isinstance(reader, Hdf5Reader):
         info["dataset"] = metadata.dataset
         info["datasets"] = list(reader.datasets)
+        info["voxel_size_attrs"] = {
+            name: np.asarray(metadata.attrs[name]).tolist()
+            for name in VOXEL_SIZE_ATTRS
+            if name in metadata.attrs
+        }
+    if isinstance(reader, OmeZarrReader):
+        info["ngff_version"] = reader.metadata.version
+        info["axes"] = [axis.as_json() for axis in reader.metadata.axes]
+        info["level"] = reader.metadata.level
+        info["levels"] = reader.metadata.levels
+    if isinstance(reader, TiffReader):
+        info["tiff"] = {"kind": reader.kind, "series_axes": reader.axes, "unit": reader.unit}
+    info["axis_labels"] = axis_labels(reader)
+    info["channels"] = _channels(reader.format, tuple(reader.shape), info["axis_labels"])
     return info
+
+
+def axis_labels(reader: VolumeReader) -> list[str]:
+    """Which array axis is which, one label per axis of ``reader.shape``.
+
+    NIfTI: ``i``, ``j``, ``k`` (the header's first three dimensions, first index
+    fastest on disk), then ``c`` (channels, or a series read with
+    ``--4d-as-batch``). OME-Zarr: the NGFF axis names. Other formats are C
+    ordered: ``z``, ``y``, ``x`` (the last axis fastest on disk), a 4D array's
+    channels last (``c``; a ``channels_first`` layer reads them first) and a 5D
+    array's batch first (``b``).
+    """
+    ndim = len(reader.shape)
+    if reader.format == "nifti":
+        return ["i", "j", "k", "c", "u", "v", "w"][:ndim]
+    names = [getattr(axis, "name", None) for axis in getattr(reader.metadata, "axes", ())]
+    if names and len(names) == ndim and all(isinstance(n, str) for n in names):
+        return names
+    return {3: ["z", "y", "x"], 4: ["z", "y", "x", "c"], 5: ["b", "z", "y", "x", "c"]}.get(
+        ndim, [f"axis{a}" for a in range(ndim)]
+    )
+
+
+def _channels(format: str, shape: tuple[int, ...], labels: list[str]) -> int:
+    """Channels per voxel as the labels read the array (1 without a channel axis)."""
+    return int(shape[labels.index("c")]) if "c" in labels else 1

@@ -3,7 +3,9 @@
 A path may name the dataset: ``scan.h5:/group/volume``. Without one, a reader
 takes the file's only dataset and a writer creates ``/data``. A 4x4 ``affine``
 dataset attribute, when present, is the voxel-to-world matrix; writers store
-the affine they are given there.
+the affine they are given there. Without an affine, the voxel size is read
+from ``element_size_um`` (ImageJ, ilastik), ``resolution`` or ``spacing``
+(three numbers, stored axis order); writers divide those by the stride.
 """
 
 from __future__ import annotations
@@ -27,9 +29,21 @@ from conv3dt.volumes.base import (
     box_shape,
 )
 
-__all__ = ["AFFINE_ATTR", "DEFAULT_DATASET", "Hdf5Reader", "Hdf5Writer", "split_hdf5_path"]
+__all__ = [
+    "AFFINE_ATTR",
+    "DEFAULT_DATASET",
+    "VOXEL_SIZE_ATTRS",
+    "Hdf5Reader",
+    "Hdf5Writer",
+    "scale_voxel_attrs",
+    "split_hdf5_path",
+    "voxel_size_from_attrs",
+]
 
 AFFINE_ATTR = "affine"
+# Dataset attributes that hold the voxel size as one number per axis: ImageJ's
+# and ilastik's ``element_size_um``, and the common ``resolution`` / ``spacing``.
+VOXEL_SIZE_ATTRS = ("element_size_um", "resolution", "spacing")
 DEFAULT_DATASET = "/data"
 COMPRESSIONS = (None, "gzip", "lzf")
 
@@ -77,6 +91,48 @@ def _plain_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
         ):
             continue
         result[name] = value
+    return result
+
+
+def _voxel_vector(value: Any) -> np.ndarray | None:
+    """``value`` as 3 positive finite floats, or None when it is anything else."""
+    try:
+        vector = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if vector.shape != (3,) or not np.all(np.isfinite(vector)) or np.any(vector <= 0):
+        return None
+    return vector
+
+
+def voxel_size_from_attrs(attrs: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The voxel size (stored axis order) a dataset's attributes give, without an affine.
+
+    The first of :data:`VOXEL_SIZE_ATTRS` that holds three positive numbers
+    (ImageJ / ilastik write ``element_size_um`` in the dataset's axis order).
+    """
+    for name in VOXEL_SIZE_ATTRS:
+        vector = _voxel_vector(attrs.get(name))
+        if vector is not None:
+            return tuple(float(v) for v in vector)  # type: ignore[return-value]
+    return None
+
+
+def scale_voxel_attrs(attrs: dict[str, Any], strides: tuple[float, ...]) -> dict[str, Any]:
+    """``attrs`` with every voxel-size 3-vector divided by ``strides`` (stored axis order).
+
+    Other attributes, and voxel-size attributes that are not three positive
+    numbers (their meaning is unknown), are returned unchanged.
+    """
+    result = dict(attrs)
+    for name in VOXEL_SIZE_ATTRS:
+        if name not in attrs:
+            continue
+        vector = _voxel_vector(attrs[name])
+        if vector is not None:
+            stored = np.asarray(attrs[name])
+            dtype = stored.dtype if stored.dtype.kind == "f" else np.float64
+            result[name] = (vector / np.asarray(strides, dtype=np.float64)).astype(dtype)
     return result
 
 
@@ -154,7 +210,7 @@ class Hdf5Reader(VolumeReader):
         affine = _affine_from_attrs(attrs)
         self.metadata = VolumeMetadata(
             affine=affine,
-            voxel_size=None if affine is None else voxel_sizes(affine),
+            voxel_size=voxel_size_from_attrs(attrs) if affine is None else voxel_sizes(affine),
             attrs=attrs,
             dataset=self._dataset.name,
         )
@@ -191,6 +247,9 @@ class Hdf5Writer(VolumeWriter):
     """Write one chunked HDF5 dataset box by box; the file is created anew.
 
     Attributes are the template's, then ``affine`` (when given), then ``attrs``.
+    With ``strides`` (output voxels per input voxel along the three spatial
+    axes), the template's voxel-size 3-vectors (:data:`VOXEL_SIZE_ATTRS`) are
+    divided by them.
 
     Attributes
     ----------
@@ -211,6 +270,7 @@ class Hdf5Writer(VolumeWriter):
         attrs: dict[str, Any] | None = None,
         chunks: tuple[int, ...] | None = None,
         compression: str | None = None,
+        strides: tuple[float, ...] | None = None,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(
@@ -219,6 +279,8 @@ class Hdf5Writer(VolumeWriter):
         file_path, dataset = split_hdf5_path(path)
         self.dataset_name = dataset or DEFAULT_DATASET
         self._attrs: dict[str, Any] = dict(template_attrs or {})
+        if strides is not None:
+            self._attrs = scale_voxel_attrs(self._attrs, strides)
         if affine is not None:
             self._attrs[AFFINE_ATTR] = np.asarray(affine, dtype=np.float64)
         self._attrs.update(attrs or {})

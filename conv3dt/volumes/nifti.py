@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import nibabel as nib
@@ -28,6 +29,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
+from conv3dt import interrupt
 from conv3dt.volumes.affine import voxel_sizes
 from conv3dt.volumes.base import (
     Box,
@@ -41,7 +43,7 @@ from conv3dt.volumes.base import (
     write_raw_box,
 )
 
-__all__ = ["NIFTI_DTYPES", "NiftiReader", "NiftiWriter", "int_scaling"]
+__all__ = ["NIFTI_DTYPES", "NiftiReader", "NiftiWriter", "header_summary", "int_scaling"]
 
 NIFTI_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int16", "uint8"))
 _NIFTI1_MAX_DIM = 32767
@@ -52,6 +54,10 @@ _GZIP_LEVEL = 1
 # conv3dt.run sets them from the tile plan.
 _DEFAULT_WINDOW = 256 << 20
 _DEFAULT_BUFFER = 256 << 20
+# Most bytes and runs one write of a box covers before a stop request is checked
+# again: a few milliseconds of I/O, so an interrupted run stops promptly.
+_WRITE_BYTES = 8 << 20
+_WRITE_RUNS = 4096
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
 
 
@@ -101,6 +107,11 @@ class NiftiReader(VolumeReader):
         self._compressed = compressed
         self._image = image
         self.shape = tuple(int(n) for n in image.shape)
+        # A 5D image with one time point stores several values per voxel in its
+        # 5th dimension (intent vector and the like): those are the channels.
+        self._vector = len(self.shape) == 5 and self.shape[3] == 1
+        if self._vector:
+            self.shape = (*self.shape[:3], self.shape[4])
         self.dtype = np.dtype(np.float64 if stored == np.float64 else np.float32)
         self.stored_dtype = stored
         # nibabel moves the scaling from the header to the proxy when loading.
@@ -117,8 +128,7 @@ class NiftiReader(VolumeReader):
         affine = np.array(image.affine, dtype=np.float64)
         self.metadata = VolumeMetadata(
             affine=affine,
-            # From the affine nibabel chose (sform, qform or pixdim), so the two agree.
-            voxel_size=voxel_sizes(affine),
+            voxel_size=_header_voxel_size(header, affine),
             nifti_header=header.copy(),
         )
 
@@ -140,6 +150,8 @@ class NiftiReader(VolumeReader):
     def _read(self, box: Box) -> np.ndarray:
         try:
             if self._planes is None or 0 in box_shape(box):
+                if self._vector:
+                    return np.asarray(self._image.dataobj[(*box[:3], 0, *box[3:])])
                 return np.asarray(self._image.dataobj[box])
             return self._read_planes(box)
         except _READ_ERRORS as exc:
@@ -195,6 +207,85 @@ class NiftiReader(VolumeReader):
             planes.close()
 
 
+def _float32_value(value: Any) -> float:
+    """A float32 header field as the shortest decimal that reads back as it (0.8)."""
+    return float(str(np.float32(value)))
+
+
+def _header_voxel_size(header: Any, affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel size ``pixdim[1:4]`` records, where it agrees with the affine in use.
+
+    An sform may scale differently from ``pixdim`` (a header written by a tool
+    that updated one and not the other); the affine is what places voxels, so
+    its column norms win then.
+    """
+    from_affine = voxel_sizes(affine)
+    stored = np.abs(np.asarray(header["pixdim"][1:4], dtype=np.float64))
+    if np.allclose(stored, from_affine, rtol=1e-4, atol=0):
+        if header["pixdim"].dtype == np.float32:
+            return tuple(_float32_value(v) for v in stored)  # type: ignore[return-value]
+        return tuple(float(v) for v in stored)  # type: ignore[return-value]
+    return from_affine
+
+
+def _matrix(matrix: np.ndarray | None) -> list[list[float]] | None:
+    return None if matrix is None else np.asarray(matrix, dtype=np.float64).tolist()
+
+
+def header_summary(header: Any) -> dict[str, Any]:
+    """What a NIfTI header says besides the voxels, for ``conv3dt info``.
+
+    Returns
+    -------
+    dict
+        ``version`` (1 or 2), ``stored_shape`` (``dim`` as stored, e.g. 5D for a
+        vector image), ``qform_code`` / ``sform_code`` (names), ``qform`` /
+        ``sform`` (4x4 nested lists, None when the code is 0; a qform whose
+        quaternion is invalid is the reader's message), ``pixdim``
+        (``pixdim[1:]`` up to the number of dimensions), ``units`` (space and
+        time), ``tr`` (seconds, for a 4D series with time units; else None),
+        ``intent`` (code, name, parameters) and ``dim_info`` (frequency,
+        phase and slice axes, None where unset).
+    """
+    version = 2 if isinstance(header, nib.Nifti2Header) else 1
+    stored_shape = [int(n) for n in header.get_data_shape()]
+    try:
+        qform, qcode = header.get_qform(coded=True)
+    except ValueError as exc:  # a quaternion no rotation has (rounding in its writer)
+        qform, qcode = f"invalid: {exc}", int(header["qform_code"])
+    sform, scode = header.get_sform(coded=True)
+    codes = nib.nifti1.xform_codes
+    space, time = header.get_xyzt_units()
+    pixdim = [float(v) for v in header["pixdim"][1 : len(stored_shape) + 1]]
+    if header["pixdim"].dtype == np.float32:
+        pixdim = [_float32_value(v) for v in pixdim]
+    tr = None
+    if len(stored_shape) >= 4 and stored_shape[3] > 1 and time != "unknown":
+        scale = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(time)
+        if scale is not None:
+            tr = pixdim[3] * scale
+    intent_name, intent_params, intent_label = header.get_intent()
+    freq, phase, slice_axis = header.get_dim_info()
+    return {
+        "version": version,
+        "stored_shape": stored_shape,
+        "qform_code": codes.label[int(qcode)],
+        "sform_code": codes.label[int(scode)],
+        "qform": (qform if isinstance(qform, str) else _matrix(qform)) if qcode else None,
+        "sform": _matrix(sform) if scode else None,
+        "pixdim": pixdim,
+        "units": {"space": space, "time": time},
+        "tr": tr,
+        "intent": {
+            "code": int(header["intent_code"]),
+            "name": intent_name,
+            "params": [float(p) for p in intent_params],
+            "label": intent_label,
+        },
+        "dim_info": {"freq": freq, "phase": phase, "slice": slice_axis},
+    }
+
+
 def int_scaling(dtype: np.dtype, lo: float, hi: float) -> tuple[float, float]:
     """``(scl_slope, scl_inter)`` mapping ``[lo, hi]`` onto an integer dtype's range.
 
@@ -219,12 +310,51 @@ def int_scaling(dtype: np.dtype, lo: float, hi: float) -> tuple[float, float]:
     return float(slope), float(lo - info.min * slope)
 
 
+def _set_qform(header: Any, affine: np.ndarray, code: int) -> None:
+    """Set the qform from ``affine`` so that every reader can turn it back into a rotation.
+
+    nibabel stores the quaternion of the nearest orthonormal rotation (SVD), but
+    rounding can leave ``b² + c² + d²`` a hair above 1 in the header's precision,
+    which readers refuse (nibabel: "w2 should be positive"); the vector part is
+    then shrunk by that hair, a change far below the header's precision.
+    """
+    header.set_qform(affine, code=code)
+    names = ("quatern_b", "quatern_c", "quatern_d")
+    stored = header.structarr[names[0]].dtype
+    bcd = np.array([header[name] for name in names], dtype=np.float64)
+    while 1.0 - float(np.dot(bcd, bcd)) < 0.0:
+        bcd = np.nextafter(bcd.astype(stored), np.zeros(3, dtype=stored)).astype(np.float64)
+    for name, value in zip(names, bcd, strict=True):
+        header[name] = value
+
+
+def _set_voxel_size(header: Any, template: Any, strides: tuple[float, ...] | None) -> None:
+    """Store the template's voxel size divided by the strides in ``pixdim[1:4]``.
+
+    Only where the template's ``pixdim`` agrees with the affine just set (as
+    nibabel's zooms); a header whose ``pixdim`` contradicts its sform keeps
+    the affine's zooms rather than carry the contradiction over.
+    """
+    if template is None or strides is None:
+        return
+    wanted = np.asarray(template["pixdim"][1:4], dtype=np.float64) / np.asarray(
+        strides, dtype=np.float64
+    )
+    zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if np.all(wanted > 0) and np.allclose(wanted, zooms, rtol=1e-4, atol=0):
+        pixdim = header["pixdim"]
+        pixdim[1:4] = wanted
+        header["pixdim"] = pixdim
+
+
 def _build_header(
     shape: tuple[int, ...],
     dtype: np.dtype,
     template: Any,
     affine: np.ndarray | None,
     attrs: dict[str, Any] | None,
+    strides: tuple[float, ...] | None = None,
+    vector: bool = False,
 ) -> Any:
     needs_nifti2 = len(shape) > 7 or any(n > _NIFTI1_MAX_DIM for n in shape)
     if template is None:
@@ -240,11 +370,17 @@ def _build_header(
         if header.endianness != _NATIVE:
             header = header.as_byteswapped(_NATIVE)
         codes = (int(template["qform_code"]), int(template["sform_code"]))
-    header.set_data_shape(shape)
+    vector = vector and len(shape) == 4
+    header.set_data_shape((*shape[:3], 1, shape[3]) if vector else shape)
     header.set_data_dtype(dtype)
+    if vector:
+        header.set_intent("vector")
+    elif int(header["intent_code"]) == nib.nifti1.intent_codes["vector"]:
+        header.set_intent("none")  # the template's components are not this output's
     if affine is not None:
-        header.set_qform(affine, code=codes[0])
+        _set_qform(header, affine, codes[0])
         header.set_sform(affine, code=codes[1])
+        _set_voxel_size(header, template, strides)
     header["magic"] = header.single_magic
     # The template's display window describes its data, not ours.
     header["cal_min"] = 0
@@ -289,8 +425,13 @@ class NiftiWriter(VolumeWriter):
 
     With a ``template`` header the output keeps its fields (codes, units,
     intent, extensions, NIfTI version); the affine, when given, is set into both
-    qform and sform with the template's codes (scanner, 1, without template).
-    ``attrs`` are stored as JSON in a comment extension.
+    qform and sform with the template's codes (scanner, 1, without template),
+    the qform as a valid unit quaternion. With ``strides`` (output voxels per
+    input voxel along i, j, k), ``pixdim[1:4]`` is the template's divided by
+    them. With ``vector``, a 4D shape ``(i, j, k, c)`` is stored as a 5D vector
+    image ``(i, j, k, 1, c)`` with intent ``NIFTI_INTENT_VECTOR``, which
+    :class:`NiftiReader` reads back as ``(i, j, k, c)``; the bytes on disk are
+    the same. ``attrs`` are stored as JSON in a comment extension.
     """
 
     format = "nifti"
@@ -305,6 +446,8 @@ class NiftiWriter(VolumeWriter):
         affine: np.ndarray | None = None,
         attrs: dict[str, Any] | None = None,
         value_range: tuple[float, float] | None = None,
+        strides: tuple[float, ...] | None = None,
+        vector: bool = False,
     ) -> None:
         dtype = np.dtype(dtype)
         if dtype not in NIFTI_DTYPES:
@@ -321,7 +464,9 @@ class NiftiWriter(VolumeWriter):
                 )
             value_range = (lo, hi)
         shape = tuple(int(n) for n in shape)
-        self._header = _build_header(shape, dtype, template_header, affine, attrs)
+        self._header = _build_header(
+            shape, dtype, template_header, affine, attrs, strides=strides, vector=vector
+        )
         self._integer = dtype.kind in "iu"
         self._value_range = value_range if self._integer else None
         self._compressed = path.lower().endswith(".gz")
@@ -386,19 +531,25 @@ class NiftiWriter(VolumeWriter):
         self._inter = float(self._header["scl_inter"])
 
     def _quantize(self, array: np.ndarray) -> np.ndarray:
-        values = np.asarray(array, dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"`array` holds NaN or infinity, which {self.dtype} cannot store")
-        if self._value_range is not None and values.size:
-            lo, hi = self._value_range
-            low, high = values.min(), values.max()
-            if low < lo or high > hi:
-                raise ValueError(
-                    f"`array` holds values in [{low}, {high}], outside value_range=({lo}, {hi})"
-                )
+        # This runs over every output voxel: one float64 copy, changed in place,
+        # and its extremes (NaN and infinities show there) instead of a mask.
+        values = np.array(array, dtype=np.float64)
+        if values.size:
+            low, high = float(values.min()), float(values.max())
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise ValueError(f"`array` holds NaN or infinity, which {self.dtype} cannot store")
+            if self._value_range is not None:
+                lo, hi = self._value_range
+                if low < lo or high > hi:
+                    raise ValueError(
+                        f"`array` holds values in [{low}, {high}], outside value_range=({lo}, {hi})"
+                    )
         info = np.iinfo(self.dtype)
-        stored = np.rint((values - self._inter) / self._slope)
-        return np.clip(stored, info.min, info.max).astype(self.dtype)
+        np.subtract(values, self._inter, out=values)
+        np.divide(values, self._slope, out=values)
+        np.rint(values, out=values)
+        np.clip(values, info.min, info.max, out=values)
+        return values.astype(self.dtype)
 
     def _pieces(self, box: Box, array: np.ndarray) -> Any:
         """``(plane, box within the plane, piece)`` for every plane the box meets, in order."""
@@ -412,6 +563,55 @@ class NiftiWriter(VolumeWriter):
             local = tuple(i - s.start for i, s in zip(index, outer, strict=True))
             yield plane, inner, array[(Ellipsis, *local)] if local else array
 
+    def _store_box(
+        self,
+        fd: int,
+        offset: int,
+        box: Box,
+        array: np.ndarray,
+        convert: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """Write a box at its place in a raw F-order file of this shape, in few long runs.
+
+        The box is transposed in memory, a group of consecutive planes at a time,
+        and written in the longest runs the file holds it in: one run per group
+        when the box spans whole planes, one per plane when it spans whole rows
+        (the first axis), else one per row. ``convert`` (quantization) is
+        applied to each group. A stop request is honoured between groups.
+        """
+        lead = len(self._plane_shape)
+        rest = self._rest
+        if not rest:
+            box, array, rest = (*box, slice(0, 1)), array[..., None], (1,)
+        inner, depth, others = box[:lead], box[lead], box[lead + 1 :]
+        extent = box_shape(inner)
+        group = max(1, _WRITE_BYTES // max(1, int(np.prod(extent)) * self._file_dtype.itemsize))
+        if extent != self._plane_shape:
+            # Runs per plane: one when the box spans whole rows, else one per row.
+            runs = 1 if extent[0] == self._plane_shape[0] else int(np.prod(extent[1:]))
+            group = max(1, min(group, _WRITE_RUNS // runs))
+        strides = np.cumprod((rest[0], *rest[1:-1])) if len(rest) > 1 else ()
+        file_shape = (rest[0], *self._plane_shape[::-1])
+        for reversed_index in itertools.product(*(range(s.start, s.stop) for s in others[::-1])):
+            index = reversed_index[::-1]
+            first = int(sum(i * s for i, s in zip(index, strides, strict=True)))
+            local = tuple(i - s.start for i, s in zip(index, others, strict=True))
+            volume = array[(Ellipsis, slice(None), *local)]
+            for start in range(depth.start, depth.stop, group):
+                interrupt.check()
+                stop = min(start + group, depth.stop)
+                piece = volume[..., start - depth.start : stop - depth.start]
+                if convert is not None:
+                    piece = convert(piece)
+                write_raw_box(
+                    fd,
+                    offset + first * self._plane_bytes,
+                    file_shape,
+                    self._file_dtype,
+                    (slice(start, stop), *inner[::-1]),
+                    piece.T,
+                )
+
     def _store(self, fd: int, offset: int, plane: int, inner: Box, piece: np.ndarray) -> None:
         """Write one plane's piece at its place in a raw F-order file of planes."""
         write_raw_box(
@@ -424,18 +624,19 @@ class NiftiWriter(VolumeWriter):
         )
 
     def _write(self, box: Box, array: np.ndarray) -> None:
-        for plane, inner, piece in self._pieces(box, array):
-            if self._deferred:
-                self._track_range(piece)
-                self._store(self._scratch.fileno(), 0, plane, inner, piece)
+        if self._deferred:
+            self._track_range(array)
+            self._store_box(self._scratch.fileno(), 0, box, array)
+            for plane, _, piece in self._pieces(box, array):
                 self._filled[plane] += piece.size
-                continue
-            values = self._quantize(piece) if self._integer else piece
-            if self._sink is None:
-                self._store(self._fd, self._offset, plane, inner, values)
-            else:
+        elif self._sink is None:
+            convert = self._quantize if self._integer else None
+            self._store_box(self._fd, self._offset, box, array, convert)
+        else:
+            for plane, inner, piece in self._pieces(box, array):
+                interrupt.check()
+                values = self._quantize(piece) if self._integer else piece
                 self._buffer(plane, inner, values)
-        if self._sink is not None:
             self._emit_ready()
 
     def _track_range(self, piece: np.ndarray) -> None:
@@ -472,6 +673,7 @@ class NiftiWriter(VolumeWriter):
 
     def _emit_ready(self) -> None:
         while self._next < len(self._filled) and self._filled[self._next] >= self._plane_size:
+            interrupt.check()
             self._emit(self._next)
 
     def _plane(self, plane: int) -> np.ndarray:
@@ -514,6 +716,7 @@ class NiftiWriter(VolumeWriter):
                 self._set_scaling(lo, hi)
             self._open_sink()
         while self._next < len(self._filled):
+            interrupt.check()
             self._emit(self._next)
         sink, self._sink = self._sink, None
         raw, self._raw = self._raw, None
