@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DTypePolicy", "get_policy", "numpy_dtype"]
+__all__ = ["DTypePolicy", "accumulation_dtype", "autocast", "get_policy", "numpy_dtype"]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 _MIXED = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -26,6 +26,29 @@ def numpy_dtype(name: str) -> np.dtype:
             ) from None
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+def accumulation_dtype(compute: np.dtype | str) -> np.dtype:
+    """The dtype a convolution computed in ``compute`` sums in.
+
+    float16 and bfloat16 sum in float32 and round the sum once, as JAX's
+    half-precision convolutions do; other dtypes sum in themselves.
+    """
+    compute = numpy_dtype(compute) if isinstance(compute, str) else np.dtype(compute)
+    return np.dtype(np.float32) if compute.itemsize < 4 else compute
+
+
+def autocast(array: np.ndarray, compute_dtype: str) -> np.ndarray:
+    """``array`` rounded to ``compute_dtype``, held in its accumulation dtype.
+
+    Keras casts a layer's inputs (and, under ``mixed_*`` policies, its float32
+    weights) to the compute dtype before the convolution: a float32 value
+    between two float16 ones is rounded there, not carried into the sum.
+    Integer arrays are converted the same way.
+    """
+    compute = numpy_dtype(compute_dtype)
+    rounded = np.asarray(array).astype(compute, copy=False)
+    return rounded.astype(accumulation_dtype(compute), copy=False)
 
 
 def _default_floatx() -> str:

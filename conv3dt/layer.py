@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from conv3dt import activations, constraints, initializers, regularizers
-from conv3dt.dtypes import DTypePolicy, get_policy, numpy_dtype
+from conv3dt.dtypes import DTypePolicy, autocast, get_policy, numpy_dtype
 from conv3dt.geometry import AxisGeometry
 from conv3dt.ops import conv3d_transpose, layer_geometry
 from conv3dt.validation import (
@@ -350,13 +350,8 @@ class Conv3DTranspose:
                 f"{self._channel_axis()} of input shape to have value {self.kernel.shape[-1]}, "
                 f"but received input with shape {x.shape}"
             )
-        compute = numpy_dtype(self.compute_dtype)
-        # Half-precision policies accumulate in float32 and round once, as the
-        # backends' float16 convolutions do.
-        work = np.dtype(np.float32) if compute.itemsize < 4 else compute
         out = conv3d_transpose(
-            x.astype(work, copy=False),
-            self.kernel.astype(work, copy=False),
+            *self.operands(x),
             None,
             self.strides,
             self.padding,
@@ -365,13 +360,40 @@ class Conv3DTranspose:
             self.dilation_rate,
             engine=engine,
             boundary=boundary,
-        ).astype(compute, copy=False)
+        ).astype(numpy_dtype(self.compute_dtype), copy=False)
         out = self.finish(out)
         self._activity_losses = []
         if self.activity_regularizer is not None:
-            penalty = float(self.activity_regularizer(out))
-            self._activity_losses.append(penalty / out.shape[0] if out.shape[0] else 0.0)
+            # Keras divides by the batch size in the output's dtype (divide_no_nan).
+            penalty = np.asarray(self.activity_regularizer(out), dtype=out.dtype)
+            batch = np.asarray(out.shape[0], dtype=out.dtype)
+            per_sample = np.divide(penalty, batch, dtype=out.dtype) if out.shape[0] else 0.0
+            self._activity_losses.append(float(per_sample))
         return out
+
+    def operands(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The input and the kernel as the transposed convolution sums them.
+
+        Keras casts the input and, under a ``mixed_*`` policy, the kernel to the
+        compute dtype before convolving; half-precision operands are then summed
+        in float32 (:func:`conv3dt.dtypes.accumulation_dtype`) and the sum
+        rounded once. The layer's call and the streamed tiles
+        (:func:`conv3dt.run.compute_tile`) both take their operands from here,
+        so they round alike.
+
+        Parameters
+        ----------
+        inputs : array_like
+            The whole input or one tile's input box, in any layout.
+
+        Returns
+        -------
+        (ndarray, ndarray)
+            The input and the kernel, in the accumulation dtype.
+        """
+        if self.kernel is None:
+            raise ValueError(f"Layer '{self.name}' has no weights yet: build it or set them.")
+        return autocast(inputs, self.compute_dtype), autocast(self.kernel, self.compute_dtype)
 
     def finish(self, conv_output: np.ndarray) -> np.ndarray:
         """Add the bias and apply the activation to a transposed-convolution output.
@@ -392,8 +414,16 @@ class Conv3DTranspose:
     # ------------------------------------------------------ losses, constraints
     @property
     def losses(self) -> list[float]:
-        """Penalties Keras adds to its losses: activity (from the last call), kernel, bias."""
+        """Penalties Keras adds to its losses: activity (from the last call), kernel, bias.
+
+        Weight penalties are those of trainable weights only, as in Keras: a layer
+        with ``trainable=False`` reports its activity penalty alone. Each is
+        computed in its array's dtype (the compute dtype for the activity, the
+        variable dtype for the weights), as Keras's ops compute it.
+        """
         values = list(self._activity_losses)
+        if not self.trainable:
+            return values
         if self.kernel_regularizer is not None and self.kernel is not None:
             values.append(float(self.kernel_regularizer(self.kernel)))
         if self.bias_regularizer is not None and self.bias is not None:

@@ -1,8 +1,10 @@
 """Keras's weight and activity regularizers on NumPy arrays, by name or serialized config.
 
 A regularizer maps an array to a penalty (a Python float) equal to the value
-``keras.regularizers.<Class>`` computes. The factor is cast to the array's dtype
-first, as Keras casts it; the sums are accumulated in float64.
+``keras.regularizers.<Class>`` computes. As in Keras, every step is in the
+array's dtype: the factor is cast to it, squares, sums and products are rounded
+to it (a float16 kernel's penalty is a float16 number). Sums are accumulated in
+float64 and rounded once, as the backends' wider accumulators do.
 
 Keras quirks kept on purpose: ``L1`` and ``OrthogonalRegularizer`` keep their
 factor as a float32 tensor, so their configs report the float32-rounded value
@@ -64,6 +66,13 @@ def _in_dtype(factor: float, x: np.ndarray) -> float:
     return float(np.asarray(factor, dtype=x.dtype))
 
 
+def _scaled_sum(factor: float, terms: np.ndarray) -> np.ndarray:
+    """``factor * sum(terms)`` as Keras's ops compute it: a 0-d array of ``terms``' dtype."""
+    dtype = terms.dtype
+    total = np.asarray(np.sum(terms, dtype=np.float64), dtype=dtype)
+    return np.multiply(np.asarray(factor, dtype=dtype), total, dtype=dtype)
+
+
 class Regularizer:
     """Base class: ``__call__(x) -> float``, ``get_config() -> dict``."""
 
@@ -95,12 +104,12 @@ class L1L2(Regularizer):
     def __call__(self, x: np.ndarray) -> float:
         """``l1 * sum(|x|) + l2 * sum(x**2)``, skipping a zero factor as Keras does."""
         x = _float_array(x)
-        total = 0.0
+        total = np.zeros((), dtype=x.dtype)
         if self.l1 != 0.0:
-            total += _in_dtype(self.l1, x) * float(np.sum(np.abs(x), dtype=np.float64))
+            total = np.add(total, _scaled_sum(self.l1, np.abs(x)), dtype=x.dtype)
         if self.l2 != 0.0:
-            total += _in_dtype(self.l2, x) * float(np.sum(np.square(x, dtype=np.float64)))
-        return total
+            total = np.add(total, _scaled_sum(self.l2, np.square(x)), dtype=x.dtype)
+        return float(total)
 
     def get_config(self) -> dict[str, Any]:
         """``{"l1": l1, "l2": l2}``."""
@@ -116,7 +125,7 @@ class L1(Regularizer):
     def __call__(self, x: np.ndarray) -> float:
         """``l1 * sum(|x|)``."""
         x = _float_array(x)
-        return _in_dtype(self.l1, x) * float(np.sum(np.abs(x), dtype=np.float64))
+        return float(_scaled_sum(self.l1, np.abs(x)))
 
     def get_config(self) -> dict[str, Any]:
         """``{"l1": l1}`` (float32-rounded)."""
@@ -132,7 +141,7 @@ class L2(Regularizer):
     def __call__(self, x: np.ndarray) -> float:
         """``l2 * sum(x**2)``."""
         x = _float_array(x)
-        return _in_dtype(self.l2, x) * float(np.sum(np.square(x, dtype=np.float64)))
+        return float(_scaled_sum(self.l2, np.square(x)))
 
     def get_config(self) -> dict[str, Any]:
         """``{"l2": l2}``."""

@@ -1,0 +1,274 @@
+"""conv3dt against live Keras, round two: autocast under half precision, losses as
+Keras collects them, activation layers, the Layer conveniences and Keras's own
+``conv_transpose_test.py`` cases with its message regexes.
+
+Runs where Keras is installed (CI: Keras 3 with ``KERAS_BACKEND=torch``).
+
+Half precision: Keras casts the input (and, under ``mixed_*`` policies, the
+kernel) to the compute dtype before convolving. JAX then sums in float32 and
+rounds once; Keras's torch backend sums overlapping kernel taps in half
+precision, rounding between them. So the live comparisons use designed layers
+whose kernel taps do not overlap (``kernel_size == strides``), where the two
+agree, and random layers are compared with the sum rounded once: Keras's
+float64 layer on the pre-rounded input and kernel, its output rounded to the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from test_parity_keras import random_config, random_weights, to_numpy  # noqa: E402
+
+from conv3dt import Conv3DTranspose  # noqa: E402
+from conv3dt.run import upsample_file  # noqa: E402
+from conv3dt.spec import LayerSpec  # noqa: E402
+
+KerasLayer = keras.layers.Conv3DTranspose
+
+HALF_POLICIES = ["float16", "mixed_float16", "bfloat16", "mixed_bfloat16"]
+POLICIES = ["float32", "float64", *HALF_POLICIES]
+
+
+def _half(policy: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if "bfloat16" in policy else np.dtype(np.float16)
+
+
+def _ulp_fraction(policy: str) -> float:
+    # Spacing of float16 (10 fraction bits) or bfloat16 (7) relative to a power of two.
+    return 2.0**-7 if "bfloat16" in policy else 2.0**-10
+
+
+def _designed(shape: tuple[int, ...], scale: float, policy: str, rng: np.random.Generator):
+    """float32 values 0.4 ulp (of the compute dtype) above multiples of scale/64.
+
+    The multiples are exact in float16 and bfloat16 and their products and sums
+    exact in float32, so rounding to the compute dtype first gives one exact
+    answer whatever the order of summation, and skipping that rounding moves
+    many outputs by whole ulps.
+    """
+    grid = rng.integers(-64, 65, size=shape) / 64 * scale
+    return (grid + 0.4 * np.abs(grid) * _ulp_fraction(policy)).astype(np.float32)
+
+
+def _pair(kwargs: dict, weights: list[np.ndarray], input_shape: tuple[int, ...]):
+    ours = Conv3DTranspose(**kwargs)
+    ours.set_weights(weights)
+    theirs = KerasLayer(**kwargs)
+    theirs.build(input_shape)
+    theirs.set_weights(weights)
+    return ours, theirs
+
+
+# ---------------------------------------------------------------------------
+# 1. Half-precision autocast
+
+
+@pytest.mark.parametrize("policy", HALF_POLICIES)
+def test_autocast_example_from_the_issue(policy: str) -> None:
+    """kernel_size 1, no bias: x a fraction of an ulp above 1, w = 1.5 -> exactly 1.5."""
+    x = np.full((1, 1, 1, 1, 1), 1.0039 if "bfloat16" in policy else 1.00048, np.float32)
+    kwargs = {"filters": 1, "kernel_size": 1, "use_bias": False, "dtype": policy}
+    ours, theirs = _pair(kwargs, [np.full((1, 1, 1, 1, 1), 1.5, np.float32)], x.shape)
+    expected = to_numpy(theirs(x))
+    got = ours(x)
+    assert got.dtype == expected.dtype == _half(policy)
+    assert float(got.ravel()[0]) == float(expected.ravel()[0]) == 1.5
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("policy", HALF_POLICIES)
+def test_autocast_designed_inputs_equal_keras(policy: str, data_format: str) -> None:
+    rng = np.random.default_rng(zlib.crc32(f"{policy}/{data_format}".encode()))
+    for kernel_size, in_channels in [(1, 3), (2, 1), (2, 4), ((1, 2, 3), 2)]:
+        kwargs = {
+            "filters": 3,
+            "kernel_size": kernel_size,
+            "strides": kernel_size,
+            "dtype": policy,
+            "data_format": data_format,
+            "activation": "relu",
+        }
+        spatial = (3, 2, 4)
+        shape = (2, *spatial, in_channels)
+        if data_format == "channels_first":
+            shape = (2, in_channels, *spatial)
+        ks = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        weights = [
+            _designed((*ks, 3, in_channels), 1.0, policy, rng),
+            _designed((3,), 1.0, policy, rng),
+        ]
+        ours, theirs = _pair(kwargs, weights, shape)
+        x = _designed(shape, 2.0, policy, rng)
+        expected = to_numpy(theirs(x))
+        got = ours(x)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(
+            got.astype(np.float64), expected.astype(np.float64), err_msg=str(kwargs)
+        )
+
+
+def _rounded_once(kwargs: dict, kernel: np.ndarray, x: np.ndarray, policy: str) -> np.ndarray:
+    """Keras's float64 layer on the input and kernel rounded to the compute dtype,
+    its output rounded once to the compute dtype: what JAX's half convolution gives."""
+    half = _half(policy)
+    reference = KerasLayer(**{**kwargs, "dtype": "float64"})
+    reference.build(x.shape)
+    reference.set_weights([kernel.astype(half).astype(np.float64)])
+    out = to_numpy(reference(x.astype(half).astype(np.float64)))
+    return out.astype(half).astype(np.float64)
+
+
+@pytest.mark.parametrize("policy", HALF_POLICIES)
+def test_autocast_random_layers_round_once(policy: str) -> None:
+    """Random geometry, unit-scale data: the sum of the rounded operands, rounded once.
+
+    Summing in float32 rather than float64 may land a sum on the other side of a
+    rounding midpoint; that moves an output by one ulp, in a few elements per
+    hundred thousand. Without the cast about a fifth of the elements move.
+    """
+    rng = np.random.default_rng(
+        {"float16": 1, "mixed_float16": 2, "bfloat16": 3, "mixed_bfloat16": 4}[policy]
+    )
+    total = mismatched = 0
+    for _ in range(40):
+        kwargs, shape = random_config(rng)
+        kwargs.update(use_bias=False, dtype=policy)
+        kwargs.pop("activation", None)
+        ours = Conv3DTranspose(**kwargs)
+        ours.build(shape)
+        kernel = random_weights(ours.kernel.shape, False, rng)[0]
+        ours.set_weights([kernel])
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = ours(x).astype(np.float64)
+        expected = _rounded_once(kwargs, kernel, x, policy)
+        assert got.shape == expected.shape
+        # One ulp of the compute dtype at the output's magnitude.
+        ulp = np.maximum(np.abs(expected), 2.0**-14) * 2 * _ulp_fraction(policy)
+        assert np.all(np.abs(got - expected) <= ulp), kwargs
+        total += got.size
+        mismatched += int(np.count_nonzero(got != expected))
+    assert mismatched <= total * 1e-3, (mismatched, total)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "bfloat16"])
+def test_autocast_in_the_streamed_tiles(tmp_path, policy: str) -> None:
+    """The CLI's path (tiles read from a file) rounds as the layer does."""
+    rng = np.random.default_rng(9)
+    kwargs = {"filters": 2, "kernel_size": 2, "strides": 2, "dtype": policy}
+    shape = (2, 5, 3, 4, 3)
+    weights = [_designed((2, 2, 2, 2, 3), 1.0, policy, rng), _designed((2,), 1.0, policy, rng)]
+    ours, theirs = _pair(kwargs, weights, shape)
+    x = _designed(shape, 2.0, policy, rng)
+    np.save(tmp_path / "in.npy", x)
+    upsample_file(
+        LayerSpec(ours, "test"),
+        str(tmp_path / "in.npy"),
+        str(tmp_path / "out.npy"),
+        tile_shape=(2, 2, 4),
+    )
+    got = np.load(tmp_path / "out.npy")
+    expected = to_numpy(theirs(x)).astype(np.float64)
+    np.testing.assert_array_equal(got.astype(np.float64), expected)
+    # Random geometry through the tiles: the same as the layer's call.
+    kwargs = {"filters": 3, "kernel_size": 3, "strides": 2, "padding": "same", "dtype": policy}
+    layer = Conv3DTranspose(**kwargs)
+    layer.build(shape)
+    layer.set_weights(random_weights(layer.kernel.shape, True, rng))
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    upsample_file(
+        LayerSpec(layer, "test"),
+        str(tmp_path / "in.npy"),
+        str(tmp_path / "out.npy"),
+        tile_shape=(3, 2, 5),
+    )
+    whole = layer(x).astype(np.float64)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy").astype(np.float64), whole)
+
+
+# ---------------------------------------------------------------------------
+# 2, 3. Losses: trainable weights only, each in its array's dtype
+
+LOSS_CASES: list[dict[str, Any]] = [
+    {"kernel_regularizer": "l2", "bias_regularizer": "l1", "activity_regularizer": "l1l2"},
+    {
+        "kernel_regularizer": {"class_name": "L1L2", "config": {"l1": 0.003, "l2": 0.02}},
+        "bias_regularizer": {"class_name": "L2", "config": {"l2": 0.5}},
+        "activity_regularizer": {"class_name": "L2", "config": {"l2": 0.3}},
+    },
+    {"kernel_regularizer": "l1", "activity_regularizer": "l1", "use_bias": False},
+]
+
+
+def _keras_losses(layer: Any) -> list[float]:
+    return [float(to_numpy(v)) for v in layer.losses]
+
+
+def _loss_pair(kwargs: dict, shape: tuple[int, ...], rng: np.random.Generator):
+    ours = Conv3DTranspose(**kwargs)
+    ours.build(shape)
+    weights = random_weights(ours.kernel.shape, ours.use_bias is not False, rng)
+    return _pair(kwargs, [3.0 * w for w in weights], shape)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("case", range(len(LOSS_CASES)))
+def test_trainable_false_keeps_only_the_activity_penalty(case: int, policy: str) -> None:
+    rng = np.random.default_rng(case)
+    shape = (3, 2, 3, 2, 4)
+    kwargs = {"filters": 3, "kernel_size": 2, "strides": 2, "dtype": policy, **LOSS_CASES[case]}
+    weight_penalties = sum(
+        kwargs.get(name) is not None
+        and (name == "kernel_regularizer" or kwargs.get("use_bias", True))
+        for name in ("kernel_regularizer", "bias_regularizer")
+    )
+    for trainable in (False, True):
+        ours, theirs = _loss_pair({**kwargs, "trainable": trainable}, shape, rng)
+        before = _keras_losses(theirs)
+        assert len(ours.losses) == len(before) == (weight_penalties if trainable else 0)
+        x = rng.standard_normal(shape).astype(np.float32)
+        theirs(x)
+        ours(x)
+        expected = _keras_losses(theirs)
+        assert len(expected) == 1 + (weight_penalties if trainable else 0)
+        np.testing.assert_allclose(ours.losses, expected, rtol=1e-6, atol=0)
+    # Switched off after construction, as Keras's attribute allows.
+    ours.trainable = theirs.trainable = False
+    np.testing.assert_allclose(ours.losses, _keras_losses(theirs), rtol=1e-6, atol=0)
+    assert len(ours.losses) == 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("case", range(len(LOSS_CASES)))
+def test_penalties_in_the_policy_dtypes(case: int, policy: str) -> None:
+    """Half-precision penalties are half-precision numbers, equal to Keras's.
+
+    float32 sums may differ from Keras's in the last bit (summation order);
+    Keras's torch backend returns float64 activity penalties rounded to float32
+    (its divide_no_nan), where JAX keeps float64.
+    """
+    rng = np.random.default_rng(10 + case)
+    shape = (3, 2, 3, 2, 4)
+    kwargs = {"filters": 3, "kernel_size": 2, "strides": 2, "dtype": policy, **LOSS_CASES[case]}
+    ours, theirs = _loss_pair(kwargs, shape, rng)
+    for scale in (1.0, 5.0):
+        x = (scale * rng.standard_normal(shape)).astype(np.float32)
+        theirs(x)
+        ours(x)
+        expected = _keras_losses(theirs)
+        np.testing.assert_allclose(ours.losses, expected, rtol=1e-6, atol=0)
+        if policy in HALF_POLICIES:
+            # The activity penalty (first) is computed on the half-precision output,
+            # the weights' on half-precision weights unless the policy is mixed.
+            half = _half(policy)
+            exact = ours.losses if policy in ("float16", "bfloat16") else ours.losses[:1]
+            assert exact == expected[: len(exact)]
+            assert all(float(np.asarray(v, dtype=half)) == v for v in exact)
