@@ -272,3 +272,35 @@ def test_without_tifffile_the_message_names_the_extra(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "pip install 'conv3dt[tiff]'" in result.output
     assert sorted(os.listdir(tmp_path)) == ["bias.npy", "in.tif", "kernel.npy", "spec.yaml"]
+
+
+def test_an_aborted_write_leaves_nothing_and_a_commit_replaces_atomically(tmp_path):
+    target = tmp_path / "out.ome.tif"
+    writer = create_volume(str(target), (3, 4, 5), np.float64)
+    writer.write((slice(0, 1),), np.ones((1, 4, 5)))
+    writer.abort()
+    assert os.listdir(tmp_path) == []
+    with create_volume(str(target), (3, 4, 5), np.float64) as writer:
+        writer.write(None, np.full((3, 4, 5), 2.0))
+    np.testing.assert_array_equal(tifffile.imread(target), np.full((3, 4, 5), 2.0))
+    assert os.listdir(tmp_path) == ["out.ome.tif"]
+
+
+def test_a_nifti_input_gives_its_voxel_size_and_unit_to_a_tiff(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    layer = Conv3DTranspose(1, 2, strides=2)
+    spec = _spec(tmp_path, layer, 1)
+    image = nib.Nifti1Image(np.zeros((3, 4, 5), np.float32), np.diag([0.5, 0.75, 1.5, 1.0]))
+    image.header.set_xyzt_units("mm")
+    nib.save(image, tmp_path / "in.nii")
+    out = tmp_path / "out.tif"
+    assert (
+        _run("upsample", str(tmp_path / "in.nii"), "--spec", str(spec), "-o", str(out)).exit_code
+        == 0
+    )
+    with tifffile.TiffFile(out) as tiff:
+        assert tiff.series[0].shape == (6, 8, 10)  # NIfTI's i, j, k as z, y, x
+        assert tiff.imagej_metadata["spacing"] == 0.25
+        assert tiff.imagej_metadata["unit"] == "mm"
+        x_res = tiff.pages[0].tags["XResolution"].value
+        assert x_res[1] / x_res[0] == pytest.approx(0.75, rel=1e-6)
