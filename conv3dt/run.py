@@ -267,7 +267,9 @@ def prepare(
         in_layout = disk_layout(
             shape, layer.data_format, spatial_first=spatial_first, four_d_as_batch=four_d_as_batch
         )
-    spec.ensure_built(in_layout.channels, four_d=in_layout.axes in ("zyxc", "czyx"))
+    # --4d-as-batch can read a 4th axis as a batch unless the format names its axes.
+    four_d = axes is None and in_layout.axes in ("zyxc", "czyx")
+    spec.ensure_built(in_layout.channels, four_d=four_d)
     axes = layer.geometry(in_layout.spatial)
     out_spatial = tuple(g.output_length for g in axes)
     out_first = spatial_first if output_spatial_first is None else output_spatial_first

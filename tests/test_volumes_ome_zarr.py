@@ -226,6 +226,15 @@ def test_level_out_of_range_is_refused(tmp_path):
         open_volume(str(tmp_path / "x.npy"), level=0)
 
 
+def test_zarr_older_than_3_is_refused_naming_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(zarr, "__version__", "2.18.3")
+    with pytest.raises(VolumeError, match=r"need zarr 3 or newer .*pip install 'zarr>=3'"):
+        open_volume(str(tmp_path / "in.ome.zarr"))
+    with pytest.raises(VolumeError, match="need zarr 3 or newer"):
+        create_volume(str(tmp_path / "out.ome.zarr"), (4, 4, 4), np.float32)
+    assert os.listdir(tmp_path) == []
+
+
 # -- writing -------------------------------------------------------------------
 
 
@@ -518,3 +527,15 @@ def test_dask_tiles_of_ome_zarr_images_equal_serial_runs(tmp_path, client):  # n
             assert reader.chunks == (3, 4, 14, 12)
             assert reader.metadata.version == ("0.4" if i else "0.5")
     assert not [p for p in os.listdir(tmp_path) if ".conv3dt-" in p]
+
+
+def test_cli_channel_mismatch_does_not_suggest_4d_as_batch(tmp_path):
+    source = tmp_path / "in.ome.zarr"
+    _write_ngff(source, [_volume((3, 4, 4, 4))], "czyx", "0.5", scale=[1] * 4, translation=[0] * 4)
+    spec = _spec_file(tmp_path)  # one input channel
+    result = CliRunner().invoke(
+        main, ["upsample", str(source), "--spec", str(spec), "-o", str(tmp_path / "o.npy")]
+    )
+    assert result.exit_code == 2
+    assert "has 3 channel(s)" in result.output and "--in-channels 3" in result.output
+    assert "--4d-as-batch" not in result.output  # an OME-Zarr image names its axes

@@ -1,10 +1,10 @@
 """OME-Zarr (NGFF) images: one level of a multiscale image read by box, a multiscale image written.
 
-Needs the optional ``zarr`` package (``pip install 'conv3dt[dask]'``). Both
-versions in use are read: NGFF 0.4 (Zarr v2, the ``multiscales`` attribute of
-the image group) and NGFF 0.5 (Zarr v3, under the ``ome`` attribute). Outputs
-keep an OME-Zarr input's version; other inputs get 0.5 where the installed
-zarr writes Zarr v3 (zarr 3), else 0.4.
+Needs the optional ``zarr`` package, version 3 or newer (``pip install
+'conv3dt[dask]'``). Both versions in use are read: NGFF 0.4 (Zarr v2, the
+``multiscales`` attribute of the image group) and NGFF 0.5 (Zarr v3, under the
+``ome`` attribute). Outputs keep an OME-Zarr input's version; other inputs get
+0.5.
 
 Axes come from the metadata: an optional ``time`` axis, an optional channel
 axis (``type: channel``, or one with no or a custom type), then three ``space``
@@ -29,6 +29,7 @@ import os
 import shutil
 import weakref
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -116,9 +117,21 @@ class OmeZarrMetadata(VolumeMetadata):
     level: int = 0
 
 
-def _default_version() -> str:
+def _import_zarr3() -> ModuleType:
+    """The ``zarr`` package, version 3 or newer (whose API reads and writes both formats).
+
+    Raises
+    ------
+    VolumeError
+        When zarr is missing or older; the message says what to install.
+    """
     zarr = import_zarr()
-    return "0.5" if int(zarr.__version__.split(".")[0]) >= 3 else "0.4"
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise VolumeError(
+            f"OME-Zarr volumes need zarr 3 or newer (zarr {zarr.__version__} is installed): "
+            "pip install 'zarr>=3'"
+        )
+    return zarr
 
 
 def default_layout_axes(ndim: int) -> str:
@@ -251,7 +264,7 @@ class OmeZarrReader(VolumeReader):
 
     def __init__(self, path: str, level: int | None = None) -> None:
         super().__init__(path)
-        zarr = import_zarr()
+        zarr = _import_zarr3()
         root = path.rstrip("/") or path
         if not os.path.isdir(root):
             raise VolumeError(f"cannot open {path}: no such OME-Zarr image")
@@ -413,7 +426,7 @@ def _multiscale_metadata(
 ) -> tuple[str, dict[str, Any]]:
     """The NGFF version and multiscale entry of an output image."""
     known = template if isinstance(template, OmeZarrMetadata) else None
-    version = known.version if known is not None else _default_version()
+    version = known.version if known is not None else "0.5"
     # The input's axes by layout label, to keep their names, units and time steps.
     by_label: dict[str, tuple[NgffAxis, float, float]] = {}
     if known is not None:
@@ -492,7 +505,7 @@ def create_ome_zarr(
     VolumeError
         When zarr is not installed.
     """
-    zarr = import_zarr()
+    zarr = _import_zarr3()
     labels = default_layout_axes(len(shape)) if labels is None else labels
     if len(labels) != len(shape) or labels not in ("zyx", "czyx", "bzyx", "bczyx"):
         raise ValueError(
@@ -552,7 +565,7 @@ def write_pyramid(path: str) -> None:
     reader = OmeZarrReader(path)
     labels, count = reader.layout_axes, reader.metadata.levels
     reader.close()
-    zarr = import_zarr()
+    zarr = _import_zarr3()
     group = zarr.open_group(path, mode="r+")
     for k in range(1, count):
         _downsample(group[str(k - 1)], group[str(k)], labels)
@@ -637,7 +650,7 @@ class OmeZarrWriter(ZarrWriter):
         super().__init__(path, shape, dtype, chunks=chunks)
 
     def _open(self) -> None:
-        import_zarr()
+        _import_zarr3()
         target = os.path.abspath(self.path)
         directory = os.path.dirname(target)
         if not os.path.isdir(directory):
