@@ -174,6 +174,7 @@ class Conv3DTranspose:
         self.kernel: np.ndarray | None = None
         self.bias: np.ndarray | None = None
         self.built = False
+        self._build_input_shape: list | tuple | None = None
         self._activity_losses: list[float] = []
 
     # ----------------------------------------------------------------- dtypes
@@ -249,6 +250,8 @@ class Conv3DTranspose:
         seed : int, optional
             Seed for initializers whose own config has no seed.
         """
+        # Recorded as given (a list stays a list), as Keras's get_build_config reports it.
+        recorded = list(input_shape) if isinstance(input_shape, list) else tuple(input_shape)
         input_shape = tuple(input_shape)
         self._check_rank(input_shape)
         channels = input_shape[self._channel_axis()]
@@ -278,6 +281,56 @@ class Conv3DTranspose:
         else:
             self.bias = None
         self.built = True
+        self._build_input_shape = recorded
+
+    def get_build_config(self) -> dict[str, Any] | None:
+        """``{"input_shape": shape}`` for the shape :meth:`build` (or the first call) had.
+
+        None when the layer was not built from an input shape (unbuilt, or built
+        by :meth:`set_weights`), as Keras returns None for a layer never built.
+        """
+        if self._build_input_shape is None:
+            return None
+        return {"input_shape": self._build_input_shape}
+
+    def build_from_config(self, config: dict[str, Any] | None) -> None:
+        """Build from :meth:`get_build_config`'s dict, as Keras does; nothing for an empty one."""
+        if not config:
+            return
+        if "input_shape" in config:
+            self.build(config["input_shape"])
+        elif "shapes_dict" in config:
+            self.build(**config["shapes_dict"])
+
+    @property
+    def weights(self) -> list[np.ndarray]:
+        """The layer's weights in Keras's order: ``[kernel, bias]``, ``[]`` before building."""
+        return self.get_weights()
+
+    @property
+    def trainable_weights(self) -> list[np.ndarray]:
+        """:attr:`weights` when ``trainable``, else ``[]``."""
+        return self.get_weights() if self.trainable else []
+
+    @property
+    def non_trainable_weights(self) -> list[np.ndarray]:
+        """:attr:`weights` when not ``trainable`` (Keras freezes them all), else ``[]``."""
+        return [] if self.trainable else self.get_weights()
+
+    def count_params(self) -> int:
+        """The number of scalars in the weights.
+
+        Raises
+        ------
+        ValueError
+            When the layer is not built, in Keras's words.
+        """
+        if not self.built:
+            raise ValueError(
+                f"You tried to call `count_params` on layer '{self.name}', but the layer "
+                "isn't built. You can build it manually via: `layer.build(input_shape)`."
+            )
+        return sum(int(w.size) for w in self.get_weights())
 
     def get_weights(self) -> list[np.ndarray]:
         """``[kernel, bias]`` (``[kernel]`` without a bias), as Keras orders them."""

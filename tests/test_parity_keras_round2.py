@@ -25,7 +25,7 @@ import pytest
 keras = pytest.importorskip("keras")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from test_parity_keras import random_config, random_weights, to_numpy  # noqa: E402
+from test_parity_keras import normalized, random_config, random_weights, to_numpy  # noqa: E402
 
 from conv3dt import Conv3DTranspose  # noqa: E402
 from conv3dt.run import upsample_file  # noqa: E402
@@ -272,3 +272,74 @@ def test_penalties_in_the_policy_dtypes(case: int, policy: str) -> None:
             exact = ours.losses if policy in ("float16", "bfloat16") else ours.losses[:1]
             assert exact == expected[: len(exact)]
             assert all(float(np.asarray(v, dtype=half)) == v for v in exact)
+
+
+# ---------------------------------------------------------------------------
+# 5. Layer conveniences
+
+
+def _names(weights: list) -> list[str]:
+    return [w.path.split("/")[-1] for w in weights]
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_weights_lists_and_count_params(use_bias: bool, trainable: bool) -> None:
+    kwargs = {"filters": 3, "kernel_size": (2, 1, 3), "use_bias": use_bias, "trainable": trainable}
+    ours, theirs = Conv3DTranspose(**kwargs), KerasLayer(**kwargs)
+    assert ours.weights == ours.trainable_weights == ours.non_trainable_weights == []
+    assert theirs.weights == theirs.trainable_weights == theirs.non_trainable_weights == []
+    for layer in (ours, theirs):
+        with pytest.raises(
+            ValueError, match=r"You tried to call `count_params` on layer '.*', but"
+        ):
+            layer.count_params()
+    shape = (1, 2, 3, 2, 4)
+    ours.build(shape)
+    theirs.build(shape)
+    ours.set_weights([to_numpy(w) for w in theirs.weights])
+    assert ours.count_params() == theirs.count_params()
+    assert isinstance(ours.count_params(), int)
+    for name in ("weights", "trainable_weights", "non_trainable_weights"):
+        expected = [to_numpy(w) for w in getattr(theirs, name)]
+        got = getattr(ours, name)
+        assert len(got) == len(expected), name
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert _names(theirs.weights) == ["kernel", "bias"][: len(ours.weights)]
+    assert ours.weights[0] is ours.kernel
+    # Freezing after construction moves every weight, as in Keras.
+    ours.trainable = theirs.trainable = not trainable
+    assert len(ours.trainable_weights) == len(theirs.trainable_weights)
+    assert len(ours.non_trainable_weights) == len(theirs.non_trainable_weights)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_build_config_round_trip(data_format: str) -> None:
+    kwargs = {"filters": 2, "kernel_size": 3, "strides": 2, "data_format": data_format}
+    shape = (2, 4, 3, 5, 3) if data_format == "channels_last" else (2, 3, 4, 3, 5)
+    ours, theirs = Conv3DTranspose(**kwargs), KerasLayer(**kwargs)
+    assert ours.get_build_config() is None and theirs.get_build_config() is None
+    # A shape given as a list is reported as a list, one from a call as a tuple.
+    for given in ([None, *shape[1:]], shape):
+        ours, theirs = Conv3DTranspose(**kwargs), KerasLayer(**kwargs)
+        ours.build(given)
+        theirs.build(given)
+        assert ours.get_build_config() == theirs.get_build_config()
+    ours, theirs = Conv3DTranspose(**kwargs), KerasLayer(**kwargs)
+    x = np.ones(shape, np.float32)
+    ours(x)
+    theirs(x)
+    assert ours.get_build_config() == theirs.get_build_config()
+    config = normalized(theirs.get_build_config())
+    revived_ours = Conv3DTranspose.from_config(ours.get_config())
+    revived_theirs = KerasLayer.from_config(theirs.get_config())
+    revived_ours.build_from_config(config)
+    revived_theirs.build_from_config(config)
+    assert revived_ours.built and revived_theirs.built
+    assert revived_ours.kernel.shape == tuple(revived_theirs.kernel.shape)
+    assert revived_ours.count_params() == revived_theirs.count_params()
+    for empty in (None, {}):
+        layer = Conv3DTranspose(**kwargs)
+        layer.build_from_config(empty)
+        assert not layer.built
