@@ -169,6 +169,20 @@ def test_reads_level_axes_and_world_geometry(tmp_path, version):
         np.testing.assert_allclose(np.diag(reader.metadata.affine)[:3], [8.0, 2.0, 1.0])
 
 
+def test_info_reports_ngff_axes_and_levels(tmp_path):
+    path = tmp_path / "in.ome.zarr"
+    levels = [_volume((2, 4, 6, 8)), _volume((2, 2, 3, 4))]
+    _write_ngff(path, levels, "czyx", "0.5", scale=[1, 2, 2, 2], translation=[0] * 4)
+    result = CliRunner().invoke(main, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["format"] == "ome-zarr" and info["ngff_version"] == "0.5"
+    assert info["axis_labels"] == ["c", "z", "y", "x"] and info["channels"] == 2
+    assert info["axes"][1] == {"name": "z", "type": "space", "unit": UNIT}
+    assert (info["level"], info["levels"]) == (0, 2)
+    assert info["voxel_size"] == [2.0, 2.0, 2.0]
+
+
 def test_time_and_channel_axes_map_to_batch_and_channels(tmp_path):
     x = _volume((2, 3, 5, 6, 7))
     path = tmp_path / "tc.ome.zarr"
@@ -215,6 +229,19 @@ def test_metadata_errors_name_file_and_field(tmp_path, attrs, message):
     with pytest.raises(VolumeError, match=message) as raised:
         open_volume(str(path))
     assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["../outside", "/abs", "", "0/../../x"])
+def test_a_level_path_leading_out_of_the_image_is_refused(tmp_path, where):
+    outside = zarr.open_array(str(tmp_path / "outside"), mode="w", shape=(4, 4, 4), dtype="f4")
+    outside[...] = 1
+    path = tmp_path / "in.ome.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.attrs["multiscales"] = [
+        {"version": "0.4", "axes": _axes("zyx"), "datasets": [{"path": where}]}
+    ]
+    with pytest.raises(VolumeError, match="needs a 'path' to an array inside the image"):
+        open_volume(str(path))
 
 
 def test_level_out_of_range_is_refused(tmp_path):

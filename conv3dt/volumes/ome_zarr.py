@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from conv3dt.validation import excerpt
 from conv3dt.volumes.affine import voxel_sizes
 from conv3dt.volumes.base import (
     Box,
@@ -184,10 +185,10 @@ def _parse_axes(entries: Any, path: str) -> tuple[tuple[NgffAxis, ...], str]:
         raise VolumeError(f"{path}: multiscales 'axes' must be a non-empty list")
     axes = []
     for entry in entries:
-        if isinstance(entry, str):  # NGFF 0.3 style names
-            entry = {"name": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise VolumeError(f"{path}: every multiscales axis needs a 'name'; got {entry!r}")
+            raise VolumeError(
+                f"{path}: every multiscales axis needs a 'name'; got {excerpt(entry)}"
+            )
         kind, unit = entry.get("type"), entry.get("unit")
         axes.append(
             NgffAxis(
@@ -224,7 +225,7 @@ def _transform(entries: Any, ndim: int, path: str, where: str) -> tuple[np.ndarr
         if kind not in ("scale", "translation") or kind not in entry:
             raise VolumeError(
                 f"{path}: {where} coordinateTransformations: expected 'scale' and 'translation' "
-                f"given inline; got {entry!r}"
+                f"given inline; got {excerpt(entry)}"
             )
         try:
             values = np.asarray(entry[kind], dtype=np.float64)
@@ -232,7 +233,7 @@ def _transform(entries: Any, ndim: int, path: str, where: str) -> tuple[np.ndarr
             values = np.empty(0)
         if values.shape != (ndim,) or not np.all(np.isfinite(values)):
             raise VolumeError(
-                f"{path}: {where} {kind} must be {ndim} finite numbers; got {entry[kind]!r}"
+                f"{path}: {where} {kind} must be {ndim} finite numbers; got {excerpt(entry[kind])}"
             )
         if kind == "scale":
             scale, translation = scale * values, translation * values
@@ -287,15 +288,19 @@ class OmeZarrReader(VolumeReader):
                 f"{len(datasets)} levels). Received level={level!r}"
             )
         dataset = datasets[index]
-        if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str):
+        where = dataset.get("path") if isinstance(dataset, dict) else None
+        # A level is an array inside the image: a path leading out of it is refused.
+        parts = where.split("/") if isinstance(where, str) else []
+        if not parts or where.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise VolumeError(
-                f"{path}: multiscales dataset {index} needs a 'path'; got {dataset!r}"
+                f"{path}: multiscales dataset {index} needs a 'path' to an array inside the "
+                f'image (e.g. "0"); got {excerpt(dataset)}'
             )
         try:
-            self._array = zarr.open_array(os.path.join(root, dataset["path"]), mode="r")
+            self._array = zarr.open_array(os.path.join(root, *parts), mode="r")
         except Exception as exc:
             raise VolumeError(
-                f"{path}: level {index} (array {dataset['path']!r}) cannot be opened: {exc}"
+                f"{path}: level {index} (array {excerpt(where)}) cannot be opened: {exc}"
             ) from None
         stored = np.dtype(self._array.dtype)
         if stored.kind not in "biuf" or stored.fields is not None:
