@@ -12,7 +12,9 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-__all__ = ["resolve_identifier", "serialize_object"]
+from conv3dt.validation import EXCERPT_CHARS, excerpt
+
+__all__ = ["resolve_identifier", "serialize_object", "shown_name"]
 
 T = TypeVar("T")
 
@@ -70,6 +72,12 @@ def resolve_identifier(
     )
 
 
+def shown_name(name: str) -> str:
+    """A name as Keras's "Could not interpret ... identifier: NAME" shows it (unquoted),
+    or a bounded excerpt of a long or unprintable one."""
+    return name if len(name) <= EXCERPT_CHARS and name.isprintable() else excerpt(name)
+
+
 def _lookup(
     name: str, kind: str, registry: Mapping[str, type[T]], refused: Mapping[str, str]
 ) -> type[T]:
@@ -79,7 +87,8 @@ def _lookup(
         return registry[name]
     except KeyError:
         raise ValueError(
-            f"Unknown {kind}: {name!r}. Valid names are: {', '.join(sorted(registry))}"
+            f"Could not interpret {kind} identifier: {shown_name(name)}. "
+            f"Valid names are: {', '.join(sorted(registry))}"
         ) from None
 
 
@@ -104,8 +113,8 @@ def _from_dict(
             raise ValueError(f"The {kind} {class_name!r} is not supported: {refused[class_name]}")
         if not custom and registered in (None, class_name):
             raise ValueError(
-                f"Unknown {kind} class_name {class_name!r} in {config!r}. "
-                f"Valid names are: {', '.join(sorted(registry))}"
+                f"Could not interpret {kind} identifier: {excerpt(config)}: unknown "
+                f"class_name {class_name!r}. Valid names are: {', '.join(sorted(registry))}"
             )
         raise ValueError(
             f"Custom {kind} objects are not supported, only Keras's built-ins. "

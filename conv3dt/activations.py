@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from conv3dt._serialization import shown_name
+
 __all__ = [
     "Activation",
     "celu",
@@ -455,7 +457,8 @@ def _from_name(name: str) -> Activation:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(
-            f"Unknown activation: {name!r}. Valid names are: {', '.join(names())}"
+            f"Could not interpret activation function identifier: {shown_name(name)}. "
+            f"Valid names are: {', '.join(names())}"
         ) from None
 
 
@@ -513,8 +516,8 @@ def get(identifier: str | dict[str, Any] | Activation | None) -> Activation | No
     if callable(identifier):
         return identifier
     raise ValueError(
-        "Could not interpret activation identifier: expected a name, a Keras serialized "
-        f"dict or a callable. Received: activation={identifier!r}"
+        "Could not interpret activation function identifier: expected a name, a Keras "
+        f"serialized dict or a callable. Received: activation={identifier!r}"
     )
 
 

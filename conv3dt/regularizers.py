@@ -9,8 +9,8 @@ float64 and rounded once, as the backends' wider accumulators do.
 Keras quirks kept on purpose: ``L1`` and ``OrthogonalRegularizer`` keep their
 factor as a float32 tensor, so their configs report the float32-rounded value
 (``L1(0.01).get_config() == {"l1": 0.009999999776482582}``); the name
-``"l1_l2"`` (or ``"l1l2"``, the one Keras's ``get`` knows) gives ``L1L2()``,
-whose factors default to 0.
+``"l1l2"`` gives ``L1L2()``, whose factors default to 0; ``"l1_l2"``, the name
+Keras's docstring shows, is refused as Keras's ``get`` refuses it.
 """
 
 from __future__ import annotations
@@ -204,7 +204,6 @@ _REGISTRY: dict[str, type[Regularizer]] = {
     "l2": L2,
     "L1L2": L1L2,
     "l1l2": L1L2,
-    "l1_l2": L1L2,
     "OrthogonalRegularizer": OrthogonalRegularizer,
     "orthogonal_regularizer": OrthogonalRegularizer,
 }
@@ -216,7 +215,7 @@ def get(identifier: str | dict[str, Any] | Regularizer | None) -> Regularizer | 
     Parameters
     ----------
     identifier : str, dict, Regularizer, Regularizer subclass or None
-        A name (``"l1"``, ``"l2"``, ``"l1_l2"``, ``"orthogonal_regularizer"`` or a
+        A name (``"l1"``, ``"l2"``, ``"l1l2"``, ``"orthogonal_regularizer"`` or a
         class name) for the class with its defaults, Keras's serialized dict
         (``{"module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.01},
         "registered_name": None}``), or an instance (returned as is).

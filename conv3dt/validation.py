@@ -80,7 +80,8 @@ def standardize_tuple(
                 )
             converted.append(int(item))
         values = tuple(converted)
-    bad = sorted({v for v in values if (v < 0 if allow_zero else v <= 0)})
+    # A set, printed as Keras prints it ("including values {0}"): its tests match that text.
+    bad = {v for v in values if (v < 0 if allow_zero else v <= 0)}
     if bad:
         requirement = ">= 0" if allow_zero else "> 0"
         raise ValueError(

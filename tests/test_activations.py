@@ -181,7 +181,7 @@ def test_get_keras_serialized_dict(keras):
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"'rleu'.*relu.*softmax"):
+    with pytest.raises(ValueError, match=r"identifier: rleu\..*relu.*softmax"):
         activations.get("rleu")
 
 

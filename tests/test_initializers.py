@@ -348,10 +348,16 @@ def test_instances_and_classes():
 @pytest.mark.parametrize(
     ("identifier", "message"),
     [
-        ("glorot_uniformm", r"Unknown initializer: 'glorot_uniformm'.*glorot_uniform"),
+        (
+            "glorot_uniformm",
+            r"Could not interpret initializer identifier: glorot_uniformm\..*glorot_uniform",
+        ),
         (42, "initializer=42"),
         ({"config": {}}, "class_name"),
-        ({"class_name": "Glorot", "config": {}}, "Unknown initializer class_name 'Glorot'"),
+        (
+            {"class_name": "Glorot", "config": {}},
+            "Could not interpret initializer identifier: .*unknown class_name 'Glorot'",
+        ),
         ({"class_name": "HeNormal", "config": [1]}, "must be a dict"),
         ({"class_name": "HeNormal", "config": {"dtype": "float32"}}, r"Unrecognized.*'dtype'"),
         ({"module": "my_lib.inits", "class_name": "HeNormal", "config": {}}, "Custom"),

@@ -343,3 +343,94 @@ def test_build_config_round_trip(data_format: str) -> None:
         layer = Conv3DTranspose(**kwargs)
         layer.build_from_config(empty)
         assert not layer.built
+
+
+# ---------------------------------------------------------------------------
+# 6. Keras's own test_bad_init_args (conv_transpose_test.py), in 3D, with its regexes
+
+BAD_INIT_ARGS: list[tuple[dict[str, Any], str]] = [
+    (
+        {"filters": 0, "kernel_size": 1},
+        "Invalid value for argument `filters`. Expected a "
+        "strictly positive value. Received filters=0.",
+    ),
+    (
+        {"filters": 2, "kernel_size": (1, 1, 0)},
+        r"The `kernel_size` argument must be a tuple of "
+        r"\d+ integers. Received kernel_size=\(1, 1, 0\), including values"
+        r" \{0\} that do not satisfy `value > 0`",
+    ),
+    (
+        {"filters": 2, "kernel_size": (2, 2, 2), "strides": (1, 1, 0)},
+        r"The `strides` argument must be a tuple of \d+ "
+        r"integers. Received strides=\(1, 1, 0\), including values \{0\} "
+        r"that do not satisfy `value > 0`",
+    ),
+    (
+        {"filters": 2, "kernel_size": 3, "strides": 2, "output_padding": 2},
+        r"`output_padding` must be strictly less than `strides`",
+    ),
+    (
+        {"filters": 2, "kernel_size": 3, "strides": 2, "output_padding": 3},
+        r"`output_padding` must be strictly less than `strides`",
+    ),
+    (
+        {"filters": 2, "kernel_size": 3, "strides": (2, 3, 2), "output_padding": (1, 3, 1)},
+        r"`output_padding` must be strictly less than `strides`",
+    ),
+    (
+        {"filters": 2, "kernel_size": (2, 2, 2), "strides": 2, "dilation_rate": (2, 1, 1)},
+        r"`strides > 1` not supported in conjunction with "
+        r"`dilation_rate > 1`. Received: strides=\(2, 2, 2\) and "
+        r"dilation_rate=\(2, 1, 1\)",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INIT_ARGS)))
+def test_keras_suite_bad_init_args_3d(case: int) -> None:
+    kwargs, regex = BAD_INIT_ARGS[case]
+    with pytest.raises(ValueError, match=regex):
+        KerasLayer(**kwargs)
+    with pytest.raises(ValueError, match=regex):
+        Conv3DTranspose(**kwargs)
+
+
+def test_keras_prints_the_refused_values_as_a_set() -> None:
+    kwargs = {"filters": 2, "kernel_size": (0, -1, 0)}
+    with pytest.raises(ValueError) as theirs:
+        KerasLayer(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        Conv3DTranspose(**kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize(
+    ("argument", "identifier", "message"),
+    [
+        ("kernel_regularizer", "l1_l2", "Could not interpret regularizer identifier: l1_l2"),
+        ("bias_regularizer", "l3", "Could not interpret regularizer identifier: l3"),
+        ("kernel_initializer", "glorot", "Could not interpret initializer identifier: glorot"),
+        ("kernel_constraint", "maxnorm", "Could not interpret constraint identifier: maxnorm"),
+        ("activation", "relu7", "Could not interpret activation function identifier: relu7"),
+        ("activation", 3, "Could not interpret activation function identifier"),
+    ],
+)
+def test_unknown_identifiers_are_refused_in_keras_words(argument, identifier, message) -> None:
+    kwargs = {"filters": 2, "kernel_size": 2, argument: identifier}
+    with pytest.raises(ValueError, match=message):
+        KerasLayer(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        Conv3DTranspose(**kwargs)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_keras_suite_layer_facts(case: int) -> None:
+    """test_conv3d_transpose_basic's counts: 2 trainable weights, 0 non-trainable, 0 losses."""
+    from test_parity_keras import KERAS_SUITE, KERAS_SUITE_SHAPES
+
+    ours = Conv3DTranspose(**KERAS_SUITE[case])
+    x = np.random.default_rng(case).normal(size=(2, 8, 8, 8, 4))
+    assert ours(x).shape == KERAS_SUITE_SHAPES[case]
+    assert (len(ours.trainable_weights), len(ours.non_trainable_weights)) == (2, 0)
+    assert ours.losses == []
