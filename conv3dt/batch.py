@@ -62,7 +62,7 @@ _FORMATS = {
 #: The fields a ``--name`` template may use.
 NAME_FIELDS = ("stem", "ext", "name", "index", "dataset")
 # A file name is at most 255 bytes: no width or precision needs more.
-_MAX_FORMAT_NUMBER = 255
+_MAX_NAME_BYTES = 255
 # Python's format specification mini-language, without nested fields.
 _FORMAT_SPEC = re.compile(
     r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d+)?[_,]?(?:\.(?P<precision>\d+))?[bcdeEfFgGnosxX%]?",
@@ -195,10 +195,10 @@ def check_name_template(template: str) -> None:
             raise BatchError(f"--name {shown}: unknown field {excerpt(field)}; use {fields}")
         match = _FORMAT_SPEC.fullmatch(spec or "")
         numbers = [] if match is None else [n for n in match.group("width", "precision") if n]
-        if match is None or any(len(n) > 3 or int(n) > _MAX_FORMAT_NUMBER for n in numbers):
+        if match is None or any(len(n) > 3 or int(n) > _MAX_NAME_BYTES for n in numbers):
             raise BatchError(
                 f"--name {shown}: format {excerpt(spec)} of {{{field}}} is not a plain format "
-                f"with width and precision up to {_MAX_FORMAT_NUMBER}"
+                f"with width and precision up to {_MAX_NAME_BYTES}"
             )
 
 
@@ -248,13 +248,15 @@ def plan_jobs(
                     index=index,
                     dataset=path[len(strip_dataset(path)) + 1 :].strip("/").replace("/", "_"),
                 )
-            except (KeyError, IndexError, ValueError) as exc:
+            except ValueError as exc:
+                # The fields are known (checked above), but a format code may not
+                # suit the value: {stem:d}.
+                raise BatchError(f"--name {excerpt(name_template)}: {exc}") from None
+            if not name or os.sep in name or len(os.fsencode(name)) > _MAX_NAME_BYTES:
                 raise BatchError(
-                    f"--name {name_template!r}: unknown field {exc}; use {{stem}}, {{ext}}, "
-                    "{name}, {index} or {dataset}"
-                ) from None
-            if not name or os.sep in name:
-                raise BatchError(f"--name {name_template!r} gives an invalid file name {name!r}")
+                    f"--name {excerpt(name_template)} gives an invalid file name {excerpt(name)}"
+                    f" (empty, with {os.sep!r} or longer than {_MAX_NAME_BYTES} bytes)"
+                )
             jobs.append(Job(path, os.path.join(output_dir, name)))
     targets: dict[str, str] = {}
     sources = {os.path.realpath(strip_dataset(job.input)) for job in jobs if job.input != "-"}

@@ -274,6 +274,7 @@ def test_long_values_are_echoed_as_short_excerpts(
         ("{stem.__class__}", "unknown field"),
         ("{stem[0]}", "unknown field"),
         ("{stem:{index}}", "{stem}"),
+        ("x" * 300 + "{ext}", "255 bytes"),
     ],
 )
 def test_name_templates_are_checked_before_formatting(
