@@ -304,3 +304,39 @@ def test_a_nifti_input_gives_its_voxel_size_and_unit_to_a_tiff(tmp_path):
         assert tiff.imagej_metadata["unit"] == "mm"
         x_res = tiff.pages[0].tags["XResolution"].value
         assert x_res[1] / x_res[0] == pytest.approx(0.75, rel=1e-6)
+
+
+def test_a_directory_of_tiffs_with_shards(tmp_path):
+    layer = Conv3DTranspose(1, 2, strides=2)
+    spec = _spec(tmp_path, layer, 1)
+    (tmp_path / "in").mkdir()
+    volumes = {}
+    for index, name in enumerate(["a.tif", "b.ome.tif", "c.tiff"]):
+        volumes[name] = np.full((2, 3, 4), index + 1.0, dtype=np.float32)
+        if name.endswith(".ome.tif"):
+            _ome(tmp_path / "in" / name, volumes[name], "ZYX", photometric="minisblack")
+        else:
+            _imagej(tmp_path / "in" / name, volumes[name], "ZYX")
+    for shard in ("0/2", "1/2"):
+        result = _run(
+            "upsample", str(tmp_path / "in"), "--spec", str(spec), "--output-dir",
+            str(tmp_path / "out"), "--shard", shard, "-q",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "out")) == ["a_up.tif", "b_up.ome.tif", "c_up.tiff"]
+    for name, volume in volumes.items():
+        stem, _, extension = name.partition(".")
+        got = tifffile.imread(tmp_path / "out" / f"{stem}_up.{extension}")
+        np.testing.assert_array_equal(got, np.asarray(layer(volume[None, ..., None])[0, ..., 0]))
+
+
+@pytest.mark.parametrize("name", ["x3.tif", "x3.ome.tif"])
+def test_an_x_axis_of_3_is_not_taken_for_rgb(tmp_path, name):
+    data = np.random.default_rng(6).standard_normal((5, 4, 3)).astype(np.float32)
+    with create_volume(str(tmp_path / name), data.shape, np.float32) as writer:
+        writer.write(None, data)
+    with tifffile.TiffFile(tmp_path / name) as tiff:
+        assert tiff.series[0].axes == "ZYX"
+        np.testing.assert_array_equal(tiff.asarray(), data)
+    with open_volume(str(tmp_path / name)) as reader:
+        np.testing.assert_array_equal(reader.read(), data)

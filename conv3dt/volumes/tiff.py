@@ -443,6 +443,9 @@ class TiffWriter(VolumeWriter):
                     shape=self._file_shape,
                     dtype=self._file_dtype,
                     returnoffset=True,
+                    # Planes of one value per pixel, also when x is 3 or 4 long
+                    # (which tifffile would otherwise take for RGB samples).
+                    photometric="minisblack",
                     software=f"conv3dt {__version__}",
                     **self._layout_options(),
                 )
