@@ -773,6 +773,11 @@ class TiledOutput:
                 f"`compression` applies to HDF5 only. Received compression="
                 f"{options.compression!r} for {self.format} output"
             )
+        if options.pyramid and self.format != "ome-zarr":
+            raise ValueError(
+                f"`pyramid` applies to OME-Zarr output only. Received pyramid="
+                f"{options.pyramid!r} for {self.format} output"
+            )
         self.storage_dtype = prepared.storage_dtype
         self.in_place = self.format in ("npy", *_ZARR_SCRATCH)
         scratch_format = self.format if self.format in _ZARR_SCRATCH else "npy"
@@ -840,6 +845,9 @@ class TiledOutput:
             "engine": self.options.engine,
             "boundary": spec.boundary,
         }
+        if self.format == "ome-zarr":
+            # The scratch image is made with its pyramid's (empty) levels.
+            payload["pyramid"] = self.options.pyramid
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -1055,11 +1063,7 @@ class TiledOutput:
             compression=self.options.compression,
             boxes=tuple(boxes),
             overwrite=self.options.overwrite,
-            writer_options={
-                **writer_options(self.prepared, self.options.nifti_channels),
-                "axes": layout.axes,
-                "pyramid": self.options.pyramid,
-            },
+            writer_options=writer_options(self.prepared, self.options.nifti_channels),
             level=self.options.level,
         )
 

@@ -326,13 +326,31 @@ def test_pyramid_levels_are_2x_means_with_transforms(tmp_path):
     )
     level1 = _mean2(level0)
     np.testing.assert_allclose(_values(images[1]), level1, rtol=1e-6)
-    np.testing.assert_allclose(_values(images[2]), _mean2(level1), rtol=1e-6)
+    np.testing.assert_allclose(_values(images[2]), _mean2(level1.astype(np.float32)), rtol=1e-6)
     # Without an input geometry a voxel is 1 unit: level 0 at 1/2, then 1, 2.
     for k, image in enumerate(images):
         step = 0.5 * 2**k
         assert image.scale == {"z": step, "y": step, "x": step}
         expected = -0.25 + 0.5 * (2**k - 1) / 2
         assert image.translation == pytest.approx({"z": expected, "y": expected, "x": expected})
+
+
+def test_pyramid_of_times_and_channels_in_small_blocks(tmp_path, monkeypatch):
+    from conv3dt.volumes import ome_zarr
+
+    # Blocks far smaller than the level: many of them, cut across every axis.
+    monkeypatch.setattr(ome_zarr, "_PYRAMID_BLOCK_VOXELS", 2**9)
+    x = _volume((2, 3, 9, 10, 7))
+    out = tmp_path / "o.ome.zarr"
+    with create_volume(
+        str(out), x.shape, np.float32, axes="bczyx", chunks=(1, 3, 4, 6, 7), pyramid=2
+    ) as writer:
+        writer.write(None, x)
+    images = _reference(out).images
+    assert images[0].dims == ("t", "c", "z", "y", "x")
+    level1 = _mean2(x)
+    np.testing.assert_allclose(_values(images[1]), level1, rtol=1e-6)
+    np.testing.assert_allclose(_values(images[2]), _mean2(level1.astype(np.float32)), rtol=1e-6)
 
 
 def test_level_option_reads_a_coarser_level(tmp_path):

@@ -65,8 +65,11 @@ _ZARR_FORMAT = {"0.4": 2, "0.5": 3}
 _NGFF_KEYS = ("ome", "multiscales", "omero", "labels", "image-label", "plate", "well")
 _DEFAULT_NAMES = {"b": "t", "c": "c", "z": "z", "y": "y", "x": "x"}
 _DEFAULT_TYPES = {"b": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
-# Pyramid levels are written in blocks of at most this many voxels per axis.
+# Pyramid levels are chunked at most this many voxels a side.
 _PYRAMID_CHUNK = 64
+# Source voxels one 2x mean step reads at a time: with its float64 sums about
+# 32 MiB, on top of the tiles' buffers.
+_PYRAMID_BLOCK_VOXELS = 2**21
 
 
 @dataclass(frozen=True)
@@ -563,9 +566,9 @@ def create_ome_zarr(
 def write_pyramid(path: str) -> None:
     """Fill the levels after 0 of an image made by :func:`create_ome_zarr`, from level 0.
 
-    Level k is the 2x2x2 mean of level k - 1, written one of its chunks at a
-    time (one volume and one channel, at most 64 voxels a side), so memory
-    stays at a few of its blocks whatever the image's size.
+    Level k is the 2x2x2 mean of level k - 1, computed a block of its chunks
+    at a time (see :func:`_pyramid_block`), so memory stays near 32 MiB
+    whatever the image's size.
     """
     reader = OmeZarrReader(path)
     labels, count = reader.layout_axes, reader.metadata.levels
@@ -576,20 +579,49 @@ def write_pyramid(path: str) -> None:
         _downsample(group[str(k - 1)], group[str(k)], labels)
 
 
+def _pyramid_block(source: Any, target: Any, labels: str) -> tuple[int, ...]:
+    """The shape of the ``target`` blocks one 2x mean step computes at a time.
+
+    Whole chunks of ``target``, as many as make each block's source box cover
+    whole source chunks (all channels of a voxel included), so every source
+    chunk is decoded once; within :data:`_PYRAMID_BLOCK_VOXELS` source voxels,
+    giving up channels first, then halving space axes.
+    """
+    block = []
+    for n, target_chunk, source_chunk, label in zip(
+        target.shape, target.chunks, source.chunks, labels, strict=True
+    ):
+        wanted = math.ceil(source_chunk / 2) if label in "zyx" else source_chunk
+        block.append(min(n, target_chunk * math.ceil(wanted / target_chunk)))
+
+    def source_voxels() -> int:
+        return math.prod(
+            2 * b if label in "zyx" else b for b, label in zip(block, labels, strict=True)
+        )
+
+    order = [a for a, label in enumerate(labels) if label not in "zyx"]
+    order += [a for a, label in enumerate(labels) if label in "zyx"]
+    for axis in order:
+        while source_voxels() > _PYRAMID_BLOCK_VOXELS and block[axis] > target.chunks[axis]:
+            block[axis] = max(
+                target.chunks[axis], block[axis] // 2 // target.chunks[axis] * target.chunks[axis]
+            )
+    return tuple(block)
+
+
 def _downsample(source: Any, target: Any, labels: str) -> None:
-    """Write ``target`` as the 2x mean of ``source``, one of ``target``'s chunks at a time."""
-    grid = [range(0, n, c) for n, c in zip(target.shape, target.chunks, strict=True)]
+    """Write ``target`` as the 2x mean of ``source``, a block at a time (:func:`_pyramid_block`)."""
+    block = _pyramid_block(source, target, labels)
+    grid = [range(0, n, b) for n, b in zip(target.shape, block, strict=True)]
     for starts in itertools.product(*grid):
         out_box = tuple(
-            slice(s, min(s + c, n))
-            for s, c, n in zip(starts, target.chunks, target.shape, strict=True)
+            slice(s, min(s + b, n)) for s, b, n in zip(starts, block, target.shape, strict=True)
         )
         in_box = tuple(
             slice(2 * b.start, min(2 * b.stop, n)) if label in "zyx" else b
             for b, n, label in zip(out_box, source.shape, labels, strict=True)
         )
-        block = _mean2(np.asarray(source[in_box]), labels)
-        target[out_box] = block.astype(target.dtype)
+        target[out_box] = _mean2(np.asarray(source[in_box]), labels).astype(target.dtype)
 
 
 class OmeZarrWriter(ZarrWriter):
