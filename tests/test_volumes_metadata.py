@@ -21,7 +21,7 @@ from conv3dt_cli.main import main
 
 from conv3dt import Conv3DTranspose
 from conv3dt.spec import LayerSpec
-from conv3dt.volumes import open_volume
+from conv3dt.volumes import VolumeMetadata, create_volume, open_volume
 
 PIXDIM = (0.8, 1.3, 2.5)
 
@@ -205,6 +205,36 @@ def test_qform_is_valid_and_pixdim_is_the_input_voxel_size_over_the_stride(
     np.testing.assert_allclose(
         _world(sform, index), _world(in_affine, (index - (stride - 1) / 2) / stride), atol=1e-4
     )
+
+
+def test_rotations_whose_plain_quaternion_is_refused_get_a_valid_qform(tmp_path):
+    # Half turns (quaternion a near 0) in NIfTI-2's float64: nibabel's own
+    # set_qform leaves b² + c² + d² a hair above 1 for some of them.
+    rng = np.random.default_rng(9)
+    hard = []
+    for _ in range(3000):
+        quaternion = rng.standard_normal(4)
+        quaternion[0] = 0.0
+        quaternion /= np.linalg.norm(quaternion)
+        affine = np.eye(4)
+        affine[:3, :3] = nib.quaternions.quat2mat(quaternion) @ np.diag(rng.uniform(0.1, 3, 3))
+        header = nib.Nifti2Header()
+        header.set_qform(affine, code=1)
+        try:
+            header.get_qform()
+        except ValueError:
+            hard.append(affine)
+    assert hard, "no rotation that nibabel's set_qform gets wrong: the test tests nothing"
+    template = nib.Nifti2Header()
+    for number, affine in enumerate(hard[:10]):
+        path = tmp_path / f"out{number}.nii"
+        with create_volume(
+            str(path), (2, 2, 2), np.float32, template=VolumeMetadata(nifti_header=template),
+            affine=affine,
+        ) as writer:  # fmt: skip
+            writer.write(None, np.zeros((2, 2, 2), np.float32))
+        header = nib.load(path).header
+        np.testing.assert_allclose(header.get_qform(), affine, atol=1e-9)
 
 
 def test_nibabel_qform_of_the_nifti2_example_with_a_batch(tmp_path):

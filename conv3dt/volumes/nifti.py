@@ -321,9 +321,12 @@ def _set_qform(header: Any, affine: np.ndarray, code: int) -> None:
     header.set_qform(affine, code=code)
     names = ("quatern_b", "quatern_c", "quatern_d")
     stored = header.structarr[names[0]].dtype
-    bcd = np.array([header[name] for name in names], dtype=np.float64)
-    while 1.0 - float(np.dot(bcd, bcd)) < 0.0:
-        bcd = np.nextafter(bcd.astype(stored), np.zeros(3, dtype=stored)).astype(np.float64)
+    bcd = np.array([header[name] for name in names], dtype=stored)
+    # Readers sum in the stored precision (nibabel) or in double (nifti_io).
+    wide = bcd.astype(np.float64)
+    while 1.0 - np.dot(bcd, bcd) < 0.0 or 1.0 - np.dot(wide, wide) < 0.0:
+        bcd = np.nextafter(bcd, np.zeros(3, dtype=stored))
+        wide = bcd.astype(np.float64)
     for name, value in zip(names, bcd, strict=True):
         header[name] = value
 
