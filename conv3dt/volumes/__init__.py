@@ -402,7 +402,7 @@ def describe(reader: VolumeReader) -> dict[str, Any]:
     if isinstance(reader, TiffReader):
         info["tiff"] = {"kind": reader.kind, "series_axes": reader.axes, "unit": reader.unit}
     info["axis_labels"] = axis_labels(reader)
-    info["channels"] = _channels(reader.format, tuple(reader.shape), info["axis_labels"])
+    info["channels"] = _channels(tuple(reader.shape), info["axis_labels"])
     return info
 
 
@@ -427,6 +427,6 @@ def axis_labels(reader: VolumeReader) -> list[str]:
     )
 
 
-def _channels(format: str, shape: tuple[int, ...], labels: list[str]) -> int:
+def _channels(shape: tuple[int, ...], labels: list[str]) -> int:
     """Channels per voxel as the labels read the array (1 without a channel axis)."""
     return int(shape[labels.index("c")]) if "c" in labels else 1
