@@ -187,13 +187,16 @@ def create_volume(
     dtype : dtype-like
         float32, float16 or float64; NIfTI also int16 and uint8 (stored with
         ``scl_slope`` / ``scl_inter``), and no float16.
-    format : {"npy", "hdf5", "nifti", "zarr"}, optional
+    format : {"npy", "hdf5", "nifti", "zarr", "ome-zarr"}, optional
         Overrides the format the extension names.
     template : VolumeMetadata, optional
-        The input's metadata: NIfTI copies its header, HDF5 its attributes.
+        The input's metadata: NIfTI copies its header, HDF5 its attributes,
+        OME-Zarr an OME-Zarr input's axes (names, units, time step), NGFF
+        version and other attributes.
     affine : numpy.ndarray, optional
         The output's 4x4 voxel-to-world matrix (NIfTI qform and sform, HDF5
-        ``affine`` attribute). Without it a template's affine is kept as is.
+        ``affine`` attribute, OME-Zarr ``scale`` and ``translation``). Without
+        it a template's affine is kept as is.
     attrs : dict, optional
         Provenance to record: HDF5 dataset attributes, a JSON comment extension
         in NIfTI; ``.npy`` has no place for metadata and drops it (and the affine).
@@ -368,7 +371,9 @@ def describe(reader: VolumeReader) -> dict[str, Any]:
         :func:`axis_labels`) and ``channels``; NIfTI adds ``nifti`` (see
         :func:`conv3dt.volumes.nifti.header_summary`), HDF5 ``voxel_size_attrs``
         (the voxel-size attributes present), TIFF ``tiff`` (``kind``: imagej, ome
-        or tiff; the series' axes as tifffile names them; the voxel size's unit).
+        or tiff; the series' axes as tifffile names them; the voxel size's unit),
+        OME-Zarr ``ngff_version``, ``axes`` (NGFF name, type, unit), ``level``
+        (the one read) and ``levels``.
     """
     metadata = reader.metadata
     info: dict[str, Any] = {
