@@ -68,7 +68,7 @@ def resolve_identifier(
         return _from_dict(identifier, kind, registry, refused)
     raise ValueError(
         f"Could not interpret {kind} identifier: expected a name, a Keras serialized dict "
-        f"or a {base.__name__}. Received: {kind}={identifier!r}"
+        f"or a {base.__name__}. Received: {kind}={excerpt(identifier)}"
     )
 
 
@@ -101,7 +101,8 @@ def _from_dict(
     class_name = config.get("class_name")
     if not isinstance(class_name, str):
         raise ValueError(
-            f"A serialized {kind} must have a string 'class_name'. Received: {kind}={config!r}"
+            f"A serialized {kind} must have a string 'class_name'. "
+            f"Received: {kind}={excerpt(config)}"
         )
     module = config.get("module", "keras")
     registered = config.get("registered_name")
@@ -114,18 +115,19 @@ def _from_dict(
         if not custom and registered in (None, class_name):
             raise ValueError(
                 f"Could not interpret {kind} identifier: {excerpt(config)}: unknown "
-                f"class_name {class_name!r}. Valid names are: {', '.join(sorted(registry))}"
+                f"class_name {excerpt(class_name)}. Valid names are: {', '.join(sorted(registry))}"
             )
         raise ValueError(
             f"Custom {kind} objects are not supported, only Keras's built-ins. "
-            f"Received: {kind}={config!r}"
+            f"Received: {kind}={excerpt(config)}"
         )
     inner = config.get("config")
     if inner is None:
         inner = {}
     if not isinstance(inner, dict):
         raise ValueError(
-            f"The 'config' of a serialized {kind} must be a dict. Received: {kind}={config!r}"
+            f"The 'config' of a serialized {kind} must be a dict. "
+            f"Received: {kind}={excerpt(config)}"
         )
     cls = registry[class_name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
@@ -133,7 +135,7 @@ def _from_dict(
     if unknown:
         raise ValueError(
             f"Unrecognized arguments {unknown} in the config of the {kind} {class_name}; "
-            f"it accepts {sorted(accepted)}. Received: {kind}={config!r}"
+            f"it accepts {sorted(accepted)}. Received: {kind}={excerpt(config)}"
         )
     return cls.from_config(inner)
 

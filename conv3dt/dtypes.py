@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from conv3dt.validation import excerpt
+
 __all__ = ["DTypePolicy", "accumulation_dtype", "autocast", "get_policy", "numpy_dtype"]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -109,17 +111,19 @@ def get_policy(identifier: str | dict | DTypePolicy | None) -> DTypePolicy:
             raise ValueError(
                 "Expected `dtype` as a name or a serialized DTypePolicy "
                 "({'class_name': 'DTypePolicy', 'config': {'name': ...}}). "
-                f"Received: dtype={identifier}"
+                f"Received: dtype={excerpt(identifier)}"
             )
         name = config["name"]
     elif isinstance(identifier, str):
         name = identifier
     else:
-        raise ValueError(f"Expected `dtype` as a string or a dict. Received: dtype={identifier!r}")
+        raise ValueError(
+            f"Expected `dtype` as a string or a dict. Received: dtype={excerpt(identifier)}"
+        )
     if name not in _FLOAT_NAMES and name not in _MIXED:
         raise ValueError(
             "Unsupported `dtype` for Conv3DTranspose: expected one of "
-            f"{', '.join(_FLOAT_NAMES + tuple(_MIXED))}. Received: dtype={name!r}"
+            f"{', '.join(_FLOAT_NAMES + tuple(_MIXED))}. Received: dtype={excerpt(name)}"
         )
     policy = DTypePolicy(name)
     numpy_dtype(policy.compute_dtype)

@@ -71,6 +71,8 @@ class Conv3DTranspose:
         Default: ``image_data_format`` from Keras's ``keras.json``, else "channels_last".
     dilation_rate : int or 3 ints, default 1
     activation : name, Keras serialized config or callable, optional
+        Also one of Keras's weightless activation layers (``ReLU``, ``LeakyReLU``,
+        ``ELU``, ``Softmax``, ``Activation``), as an object or its serialized dict.
     use_bias : bool, default True
     kernel_initializer, bias_initializer : name, config or initializer
         Used when :meth:`build` draws weights.
@@ -127,7 +129,7 @@ class Conv3DTranspose:
         trainable = kwargs.get("trainable", True)
         if not isinstance(trainable, bool):
             raise ValueError(
-                f"Expected `trainable` to be a boolean. Received: trainable={trainable!r}"
+                f"Expected `trainable` to be a boolean. Received: trainable={excerpt(trainable)}"
             )
         self.trainable = trainable
         self.autocast = bool(kwargs.get("autocast", True))
@@ -452,7 +454,9 @@ class Conv3DTranspose:
         """Add the bias and apply the activation to a transposed-convolution output.
 
         ``conv_output`` is in the compute dtype and in ``data_format`` layout
-        (5D). Softmax-like activations act on the last axis, as in Keras.
+        (5D). Softmax-like activations act on the last axis, as in Keras. The
+        result is in the compute dtype, or in an activation layer's own (Keras
+        applies ``keras.layers.ReLU`` and the like with their own dtype policy).
         """
         out = conv_output
         if self.use_bias and self.bias is not None:
@@ -461,7 +465,8 @@ class Conv3DTranspose:
             )
             out = out + self.bias.astype(out.dtype).reshape(shape)
         if self.activation is not None:
-            out = np.asarray(self.activation(out)).astype(out.dtype, copy=False)
+            dtype = activations.output_dtype(self.activation, out.dtype)
+            out = np.asarray(self.activation(out)).astype(dtype, copy=False)
         return out
 
     # ------------------------------------------------------ losses, constraints
