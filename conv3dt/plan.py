@@ -25,6 +25,7 @@ from conv3dt.geometry import AxisGeometry
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ENGINE_WORKSPACE_BYTES",
+    "MAX_TILE_VALUES",
     "MemoryLimitError",
     "Plan",
     "Tile",
@@ -49,6 +50,11 @@ _TAP_BOXES = 1
 # Fixed-size work blocks of the engines, independent of the tile (the GEMM
 # engine keeps about 1 MiB per phase group and worker thread).
 ENGINE_WORKSPACE_BYTES = 16 * 2**20
+# Most output values in one planned tile, whatever the budget: an engine call
+# cannot be interrupted, so a stop request waits for the tile being computed
+# (about a second at this size on two cores). Larger tiles gain nothing: their
+# halos are already a small part of them.
+MAX_TILE_VALUES = 2**25
 # Output chunks (HDF5) about this large: h5py's default chunk cache holds one.
 DEFAULT_CHUNK_BYTES = 2**20
 
@@ -339,7 +345,9 @@ def plan_tiles(
         Budget in bytes for everything the run holds besides the interpreter
         (default :func:`default_memory_limit`). Split tiles are never shorter
         than one stride block (``stride`` output voxels, the output of one input
-        voxel) on any axis, so the budget must hold at least such a tile.
+        voxel) on any axis, so the budget must hold at least such a tile. Nor
+        do they hold more than :data:`MAX_TILE_VALUES` output values where a
+        shorter tile is allowed, so that a stop request is honoured promptly.
     split_order : three axis indices
         Axes to split first: the slowest-varying axis of the storage first, so
         that tiles are contiguous slabs on disk (C order: 0 first; NIfTI's
@@ -411,11 +419,18 @@ def plan_tiles(
         minimum = costs.peak_bytes(axes, smallest)
         if minimum > limit:
             raise MemoryLimitError(limit, minimum, tuple(smallest))  # type: ignore[arg-type]
+
+        def fits(trial: list[int]) -> bool:
+            return (
+                costs.peak_bytes(axes, trial) <= limit
+                and math.prod(trial) * filters <= MAX_TILE_VALUES
+            )
+
         tile = list(out_shape)
         for axis in order:
             if axis in whole_axes:
                 continue
-            if costs.peak_bytes(axes, tile) <= limit:
+            if fits(tile):
                 break
             lo, hi = smallest[axis], tile[axis]
             # Largest length on this axis that fits (the cost grows with it).
@@ -423,7 +438,7 @@ def plan_tiles(
                 mid = (lo + hi + 1) // 2
                 trial = tile.copy()
                 trial[axis] = mid
-                if costs.peak_bytes(axes, trial) <= limit:
+                if fits(trial):
                     lo = mid
                 else:
                     hi = mid - 1

@@ -1,0 +1,289 @@
+"""Responsiveness and limits: NIfTI writes in long runs, prompt stops, bounded tiles.
+
+Speed is measured in ``benchmarks/bench_streaming.py``; these tests check the
+structure that makes it: how many writes a box takes, which tiles are planned,
+and that a stop request ends a write where it stands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conv3dt import Conv3DTranspose
+from conv3dt.geometry import axis_geometry
+from conv3dt.plan import MAX_TILE_VALUES, plan_tiles
+from conv3dt.run import prepare_file, upsample_file
+from conv3dt.spec import LayerSpec
+from conv3dt.volumes import create_volume, open_volume
+from conv3dt.volumes.nifti import int_scaling
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _layer(in_channels: int, filters: int, seed: int = 0, **config) -> Conv3DTranspose:
+    rng = np.random.default_rng(seed)
+    layer = Conv3DTranspose(filters=filters, **config)
+    layer.build((1, 1, 1, 1, in_channels), seed=0)
+    kernel = rng.standard_normal(layer.kernel.shape).astype(np.float32)
+    layer.set_weights([kernel, rng.standard_normal(filters).astype(np.float32)])
+    return layer
+
+
+def _spec_file(tmp_path: Path, layer: Conv3DTranspose) -> Path:
+    kernel, bias = layer.get_weights()
+    np.save(tmp_path / "kernel.npy", kernel)
+    np.save(tmp_path / "bias.npy", bias)
+    spec = {"layer": layer.get_config(), "weights": {"kernel": "kernel.npy", "bias": "bias.npy"}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def _expected_int16(values: np.ndarray, image: nib.Nifti1Image) -> np.ndarray:
+    """The stored integers of ``values`` under the image's scaling, computed here."""
+    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+    info = np.iinfo(np.int16)
+    stored = np.rint((values.astype(np.float64) - inter) / slope)
+    return np.clip(stored, info.min, info.max).astype(np.int16)
+
+
+class _WriteSpy:
+    """Counts ``os.pwrite`` calls (every positional write of the volumes)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = os.pwrite
+
+        def spy(fd: int, data, offset: int) -> int:
+            self.calls += 1
+            return real(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", spy)
+
+
+# -- 10. NIfTI writes in long runs -------------------------------------------
+
+
+def _boxes(shape: tuple[int, ...], pattern: str) -> list[tuple[slice, ...]]:
+    """Boxes covering ``shape`` once: slabs along one axis, or blocks."""
+    rest = tuple(slice(0, n) for n in shape[3:])
+    if pattern == "blocks":
+        steps = (3, 4, 2)
+    else:
+        steps = tuple(2 if f"slab{a}" == pattern else n for a, n in enumerate(shape[:3]))
+    boxes = []
+    for i in range(0, shape[0], steps[0]):
+        for j in range(0, shape[1], steps[1]):
+            for k in range(0, shape[2], steps[2]):
+                box = (slice(i, i + steps[0]), slice(j, j + steps[1]), slice(k, k + steps[2]))
+                boxes.append(
+                    tuple(slice(s.start, min(s.stop, n)) for s, n in zip(box, shape, strict=False))
+                )
+    return [(*box, *rest) for box in boxes]
+
+
+@pytest.mark.parametrize("extension", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+@pytest.mark.parametrize("shape", [(7, 6, 5), (7, 6, 5, 3)])
+@pytest.mark.parametrize("pattern", ["slab0", "slab1", "slab2", "blocks"])
+def test_nifti_boxes_of_any_shape_read_back_as_written(tmp_path, extension, dtype, shape, pattern):
+    rng = np.random.default_rng(10)
+    data = (rng.standard_normal(shape) * 50).astype(np.float32)
+    path = tmp_path / f"out{extension}"
+    with create_volume(str(path), shape, dtype) as writer:
+        for box in _boxes(shape, pattern):
+            writer.write(box, data[box])
+    image = nib.load(path)
+    assert image.shape == shape
+    if dtype == "float32":
+        np.testing.assert_array_equal(np.asarray(image.dataobj), data)
+        return
+    slope, inter = int_scaling(np.dtype(np.int16), float(data.min()), float(data.max()))
+    assert image.dataobj.slope == np.float32(slope)
+    assert image.dataobj.inter == np.float32(inter)
+    stored = np.asarray(image.dataobj.get_unscaled())
+    np.testing.assert_array_equal(stored, _expected_int16(data, image))
+
+
+def test_a_box_of_whole_planes_is_one_write_per_channel(tmp_path, monkeypatch):
+    shape = (16, 12, 10, 3)
+    data = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+    with create_volume(str(tmp_path / "out.nii"), shape, "float32") as writer:
+        spy = _WriteSpy(monkeypatch)
+        writer.write((slice(0, 16), slice(0, 12), slice(2, 9)), data[:, :, 2:9])
+        assert spy.calls == 3  # one run of 7 planes per channel
+        writer.write((slice(0, 16), slice(4, 8), slice(0, 10)), data[:, 4:8])
+        assert spy.calls == 3 + 3 * 10  # whole rows: one run per plane
+        rest = [
+            (slice(0, 16), slice(a, b), slice(c, d))
+            for a, b in ((0, 4), (8, 12))
+            for c, d in ((0, 2), (9, 10))
+        ]
+        for box in rest:
+            writer.write(box, data[box])
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out.nii").dataobj), data)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_npy_to_nifti_tiles_span_both_files_fastest_axes(tmp_path, monkeypatch, dtype):
+    # A C-order .npy is fastest along its last axis, a NIfTI along its first:
+    # slabs along the middle axis keep both whole, so every write is a long run.
+    layer = _layer(2, 3, kernel_size=3, strides=2, padding="same")
+    x = np.random.default_rng(12).standard_normal((8, 10, 12, 2)).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    spec = LayerSpec(layer, "test")
+    # A budget for slabs one stride block thin along the middle axis.
+    with open_volume(str(tmp_path / "in.npy")) as source:
+        slab = prepare_file(spec, source, str(tmp_path / "o.nii"), tile_shape=(16, 2, 24))
+    spy = _WriteSpy(monkeypatch)
+    result = upsample_file(
+        spec,
+        str(tmp_path / "in.npy"),
+        str(tmp_path / "out.nii"),
+        output_dtype=dtype,
+        memory_limit=slab.prepared.plan.peak_bytes,
+    )
+    out_shape = (16, 20, 24)
+    tile = result.extra["tile_shape"]
+    assert result.tiles > 1 and (tile[0], tile[2]) == (16, 24)
+    # One run per (k, channel) plane and tile, where z slabs would write a run per row.
+    assert spy.calls <= result.tiles * 24 * 3 + 10
+    expected = layer(x[None])[0]
+    image = nib.load(tmp_path / "out.nii")
+    # The filters along a 4th dimension, or as vector components along the 5th.
+    assert image.shape in ((*out_shape, 3), (*out_shape, 1, 3))
+    shape = (*out_shape, 3)
+    if dtype == "float32":
+        np.testing.assert_array_equal(np.asarray(image.dataobj).reshape(shape), expected)
+    else:
+        stored = np.asarray(image.dataobj.get_unscaled()).reshape(shape)
+        np.testing.assert_array_equal(stored, _expected_int16(expected, image))
+
+
+def test_planned_tiles_are_bounded_whatever_the_budget():
+    axes = tuple(axis_geometry(256, 3, 2, "same") for _ in range(3))
+    plan = plan_tiles(axes, 4, 8, memory_limit=2**40)
+    assert len(plan) > 1
+    assert np.prod(plan.tile_shape) * 8 <= MAX_TILE_VALUES
+    slabs = plan_tiles(axes, 4, 8, memory_limit=2**40, whole_axes=(1, 2))
+    assert slabs.tile_shape == (16, 512, 512)
+    # A smallest tile above the bound is still planned.
+    wide = plan_tiles(axes, 4, 256, memory_limit=2**40, whole_axes=(1, 2))
+    assert wide.tile_shape == (2, 512, 512)
+
+
+# -- 10. stopping: within a write, and at the very end --------------------------
+
+_WRAPPER = """
+import atexit, os, signal, sys, time
+from pathlib import Path
+
+mode, number, report = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+stop = getattr(signal, sys.argv[4])
+state = {"calls": 0, "after": None}
+
+if mode == "write":
+    # Signal from inside the writer's n-th positional write; count the rest.
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        state["calls"] += 1
+        if state["calls"] == number:
+            state["after"] = 0
+            os.kill(os.getpid(), stop)
+        elif state["after"] is not None:
+            state["after"] += 1
+        return real(fd, data, offset)
+
+    os.pwrite = pwrite
+else:
+    from conv3dt.volumes.base import VolumeWriter
+
+    real_commit = VolumeWriter.commit
+
+    class Dropped:
+        def __del__(self):
+            os.kill(os.getpid(), stop)
+            time.sleep(5)  # the handler runs here, inside __del__
+
+    def commit(self):
+        if mode == "commit":
+            os.kill(os.getpid(), stop)  # a signal as the output is being finished
+        real_commit(self)
+        if mode == "del":
+            Dropped()  # one that lands in a __del__, after the output is complete
+
+    VolumeWriter.commit = commit
+
+atexit.register(lambda: report.write_text(str(state["after"])))
+from conv3dt_cli.main import main
+
+main(sys.argv[5:], prog_name="conv3dt")
+"""
+
+
+def _stopped_run(tmp_path: Path, mode: str, number: int, stop: str, *args: str):
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(_WRAPPER)
+    report = tmp_path / "report.txt"
+    done = subprocess.run(
+        [sys.executable, str(wrapper), mode, str(number), str(report), stop, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    return done, report.read_text() if report.exists() else None
+
+
+def _stop_job(tmp_path: Path) -> tuple[Path, Path]:
+    layer = _layer(1, 4, kernel_size=2, strides=2, padding="valid")
+    np.save(tmp_path / "in.npy", np.ones((8, 64, 64), np.float32))
+    return _spec_file(tmp_path, layer), tmp_path / "in.npy"
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_nifti_write_where_it_stands(tmp_path, stop):
+    spec, source = _stop_job(tmp_path)
+    target = tmp_path / "out.nii"
+    # Slabs two voxels thin along the NIfTI's fastest axis: 128 x 128 x 4 runs
+    # of 8 bytes per tile, far more than one stop check's worth.
+    done, after = _stopped_run(
+        tmp_path, "write", 100, stop,
+        "upsample", str(source), "--spec", str(spec), "-o", str(target),
+        "--tile-shape", "2,128,128",
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr
+    assert int(after) < 2 * 4096
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["bias.npy", "in.npy", "kernel.npy", "report.txt", "spec.json", "wrapper.py"]
+    )
+
+
+@pytest.mark.parametrize("mode", ["commit", "del"])
+def test_a_signal_at_the_very_end_exits_130(tmp_path, mode):
+    spec, source = _stop_job(tmp_path)
+    target = tmp_path / "out.nii.gz"
+    done, _ = _stopped_run(
+        tmp_path, mode, 0, "SIGTERM",
+        "upsample", str(source), "--spec", str(spec), "-o", str(target), "--output-dtype", "int16",
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    leftovers = [name for name in os.listdir(tmp_path) if "conv3dt" in name]
+    assert leftovers == []
+    if mode == "commit":
+        assert not target.exists()
+    else:
+        # The signal came after the output was complete: it is whole, not partial.
+        with open_volume(str(target)) as reader:
+            assert reader.shape == (16, 128, 128, 4)
