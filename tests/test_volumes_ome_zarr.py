@@ -244,6 +244,15 @@ def test_a_level_path_leading_out_of_the_image_is_refused(tmp_path, where):
         open_volume(str(path))
 
 
+def test_an_image_opened_as_plain_zarr_points_to_ome_zarr(tmp_path):
+    path = tmp_path / "scan.zarr"
+    _write_ngff(path, [_volume((4, 4, 4))], "zyx", "0.5", scale=[1] * 3, translation=[0] * 3)
+    with pytest.raises(VolumeError, match=r"is an OME-Zarr image.*--input-format ome-zarr"):
+        open_volume(str(path))
+    with open_volume(str(path), "ome-zarr") as reader:
+        assert reader.shape == (4, 4, 4)
+
+
 def test_level_out_of_range_is_refused(tmp_path):
     path = tmp_path / "in.ome.zarr"
     _write_ngff(path, [_volume((4, 4, 4))], "zyx", "0.4", scale=[1] * 3, translation=[0] * 3)

@@ -200,8 +200,15 @@ def open_zarr_array(path: str, mode: str = "r") -> Any:
     try:
         group = zarr.open_group(path, mode="r")
         names = sorted(group.array_keys())
+        attrs = dict(group.attrs)
     except Exception:  # not a group either: report the array error
         raise VolumeError(f"{path}: not a readable Zarr array: {reason}") from None
+    ome = attrs.get("ome")
+    if "multiscales" in attrs or (isinstance(ome, dict) and "multiscales" in ome):
+        raise VolumeError(
+            f"{path} is an OME-Zarr image, not a plain Zarr array; read it with "
+            "--input-format ome-zarr (or name it .ome.zarr)"
+        )
     listing = ", ".join(names) or "(none)"
     raise VolumeError(
         f"{path} is a Zarr group, not an array; open one of its arrays as {path}/NAME "
