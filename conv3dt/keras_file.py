@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from conv3dt.hdf5_guard import Hdf5Guard
+from conv3dt.validation import excerpt
 from conv3dt.weight_files import check_zip_member
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # A config larger than this is not a model config; refusing it keeps a
 # malicious archive from exhausting memory.
 _MAX_CONFIG_BYTES = 64 * 1024 * 1024
+# Layer names a message lists before saying how many more there are.
+_LISTED_LAYERS = 10
 # A compressed weights member is inflated into a temporary file kept in memory
 # up to this size, in pieces of the second.
 _SPOOL_BYTES = 64 * 1024 * 1024
@@ -701,7 +704,10 @@ class _ModelFile:
         names = self.transpose_names()
         if not names:
             return f"{self.where} has no Conv3DTranspose layer."
-        return f"Conv3DTranspose layers in {self.where}: {', '.join(map(repr, names))}."
+        shown = ", ".join(excerpt(name) for name in names[:_LISTED_LAYERS])
+        if len(names) > _LISTED_LAYERS:
+            shown += f" and {len(names) - _LISTED_LAYERS} more"
+        return f"Conv3DTranspose layers in {self.where}: {shown}."
 
     def find(self, layer_name: str | None) -> _Entry:
         if layer_name is None:
@@ -717,7 +723,7 @@ class _ModelFile:
         if not isinstance(layer_name, str):
             raise ValueError(
                 "Argument `layer_name` must be a string or None. "
-                f"Received: layer_name={layer_name!r}"
+                f"Received: layer_name={excerpt(layer_name)}"
             )
         matches = [e for e in self.entries if layer_name in (e.qualified, e.weights_path)]
         if not matches:
@@ -726,17 +732,17 @@ class _ModelFile:
         unique = list({e.qualified: e for e in reversed(matches)}.values())[::-1]
         if not unique:
             raise KerasFileError(
-                f"{self.where} has no layer named {layer_name!r}. " + self._listing()
+                f"{self.where} has no layer named {excerpt(layer_name)}. " + self._listing()
             )
         if len(unique) > 1:
             raise KerasFileError(
-                f"Several layers in {self.where} are named {layer_name!r}: "
+                f"Several layers in {self.where} are named {excerpt(layer_name)}: "
                 f"{', '.join(repr(e.qualified) for e in unique)}; give one of these paths."
             )
         entry = unique[0]
         if not entry.is_transpose:
             raise KerasFileError(
-                f"Layer {layer_name!r} in {self.where} is not a Conv3DTranspose "
+                f"Layer {excerpt(layer_name)} in {self.where} is not a Conv3DTranspose "
                 f"({entry.kind}). " + self._listing()
             )
         return entry

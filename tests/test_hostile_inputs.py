@@ -305,6 +305,25 @@ def test_name_templates_are_checked_before_formatting(
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
+def test_long_layer_names_of_a_model_are_listed_as_excerpts(tmp_path: Path) -> None:
+    path = tmp_path / "long_names.keras"
+    with zipfile.ZipFile(FIXTURES / "sequential.keras") as source:
+        members = {name: source.read(name) for name in source.namelist()}
+    config = json.loads(members["config.json"])
+    for layer in config["config"]["layers"]:
+        if layer["class_name"] == "Conv3DTranspose":
+            layer["config"]["name"] = "n" * 100_000
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    out = tmp_path / "o.npy"
+    args = ["upsample", str(_volume(tmp_path)), "--keras-model", str(path), "-o", str(out)]
+    result = _run(*args, "--layer", "m" * 100_000)
+    _assert_refused(result, tmp_path, out, "long_names.keras", "no layer named")
+    assert len(result.output) < 1000
+
+
 # -- 3. Damaged .nii.gz streams ---------------------------------------------------
 
 
