@@ -23,7 +23,9 @@ from conv3dt._serialization import shown_name
 
 __all__ = [
     "Activation",
+    "ActivationLayer",
     "celu",
+    "coupled_axes",
     "elu",
     "exponential",
     "gelu",
@@ -40,6 +42,7 @@ __all__ = [
     "log_softmax",
     "mish",
     "names",
+    "output_dtype",
     "relu",
     "relu6",
     "selu",
@@ -441,6 +444,191 @@ _NAME_OF: dict[int, str] = {id(fn): fn.__name__ for fn in _BY_NAME.values()}
 _FUNCTION_MODULES = ("builtins", "keras.activations", "keras.src.activations.activations")
 
 
+# Keras's activation layers that hold no weights (keras.layers.ReLU...): their
+# arguments and defaults. PReLU learns its slopes, so it is not among them.
+_LAYER_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "ReLU": {"max_value": None, "negative_slope": 0.0, "threshold": 0.0},
+    "LeakyReLU": {"negative_slope": 0.3},
+    "ELU": {"alpha": 1.0},
+    "Softmax": {"axis": -1},
+    "Activation": {"activation": None},
+}
+# Keys every Keras layer config carries besides its own arguments.
+_LAYER_BASE_KEYS = ("name", "trainable", "dtype")
+# Functions that mix values along their axis (the last) instead of acting per value.
+_COUPLING = ("softmax", "log_softmax", "sparsemax", "glu")
+
+
+def _negative(value: Any) -> bool:
+    return value is None or value < 0
+
+
+@_elementwise
+def _softmax_over(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    # Keras's Softmax layer over several axes: exp(x - logsumexp(x, axes)).
+    peak = np.max(x, axis=axes, keepdims=True)
+    total = peak + np.log(np.sum(np.exp(x - peak), axis=axes, keepdims=True))
+    return np.exp(x - total)
+
+
+class ActivationLayer:
+    """One of Keras's activation layers given as a layer's ``activation``.
+
+    ``keras.layers.ReLU``, ``LeakyReLU``, ``ELU``, ``Softmax`` and ``Activation``
+    (weightless; ``PReLU`` learns its slopes and is refused). Keras applies such a
+    layer as a sublayer with its own dtype policy: the values are cast to its
+    compute dtype (float32 unless its config says otherwise) and come out in it.
+
+    Parameters
+    ----------
+    class_name : str
+        The Keras class name.
+    config : dict
+        The layer's ``get_config()``: its arguments, and optionally ``name``,
+        ``trainable`` and ``dtype``; kept as given for :meth:`get_config`.
+
+    Raises
+    ------
+    ValueError
+        For another class, unknown config keys, and the arguments Keras refuses
+        (negative ``max_value``, ``negative_slope`` or ``threshold``).
+    """
+
+    def __init__(self, class_name: str, config: dict[str, Any]) -> None:
+        from conv3dt.dtypes import get_policy
+
+        if class_name not in _LAYER_ARGUMENTS:
+            refusal = (
+                "it has weights (its slopes are learned)"
+                if class_name == "PReLU"
+                else f"the weightless ones are {', '.join(sorted(_LAYER_ARGUMENTS))}"
+            )
+            raise ValueError(
+                f"The Keras layer {class_name!r} is not supported as an activation: {refusal}."
+            )
+        config = dict(config)
+        if class_name == "LeakyReLU" and "alpha" in config:
+            # Keras's older argument name, which it still accepts.
+            config["negative_slope"] = config.pop("alpha")
+        defaults = _LAYER_ARGUMENTS[class_name]
+        unknown = sorted(set(config) - set(defaults) - set(_LAYER_BASE_KEYS))
+        if unknown:
+            raise ValueError(
+                f"Unrecognized arguments {unknown} in the config of the activation layer "
+                f"{class_name}; it accepts {sorted(defaults)}. Received: config={config!r}"
+            )
+        arguments = {key: config.get(key, default) for key, default in defaults.items()}
+        if class_name == "ReLU":
+            if arguments["max_value"] is not None and arguments["max_value"] < 0:
+                raise ValueError(
+                    "max_value of a ReLU layer cannot be a negative value. "
+                    f"Received: max_value={arguments['max_value']}"
+                )
+            for key in ("negative_slope", "threshold"):
+                if _negative(arguments[key]):
+                    raise ValueError(
+                        f"{key} of a ReLU layer cannot be None or a negative value. "
+                        f"Received: {key}={arguments[key]}"
+                    )
+        elif class_name == "LeakyReLU" and _negative(arguments["negative_slope"]):
+            raise ValueError(
+                "The negative_slope value of a Leaky ReLU layer cannot be None or negative "
+                f"value. Expected a float. Received: negative_slope={arguments['negative_slope']}"
+            )
+        elif class_name == "Activation":
+            if arguments["activation"] is None:
+                raise ValueError("The Keras layer 'Activation' needs its `activation` argument.")
+            function = get(arguments["activation"])
+            if isinstance(function, ActivationLayer):
+                raise ValueError("An Activation layer wrapping another layer is not supported.")
+            arguments["activation"] = function
+        elif class_name == "Softmax":
+            axis = arguments["axis"]
+            axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+            if not axes or any(isinstance(a, bool) or not isinstance(a, int) for a in axes):
+                raise ValueError(
+                    f"`axis` of a Softmax layer must be an integer or a list of integers. "
+                    f"Received: axis={axis!r}"
+                )
+        self.class_name = class_name
+        self.config = config
+        self.arguments = arguments
+        self.compute_dtype: str = get_policy(config.get("dtype", "float32")).compute_dtype
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The layer's output, in its own compute dtype."""
+        from conv3dt.dtypes import numpy_dtype
+
+        x = np.asarray(x).astype(numpy_dtype(self.compute_dtype), copy=False)
+        arguments = self.arguments
+        if self.class_name == "ReLU":
+            return relu(x, **arguments)
+        if self.class_name == "LeakyReLU":
+            return leaky_relu(x, arguments["negative_slope"])
+        if self.class_name == "ELU":
+            return elu(x, arguments["alpha"])
+        if self.class_name == "Activation":
+            function = arguments["activation"]
+            return x if function is None else np.asarray(function(x)).astype(x.dtype, copy=False)
+        axis = arguments["axis"]
+        if isinstance(axis, (list, tuple)) and len(axis) > 1:
+            return _softmax_over(x, tuple(_check_axis(x, a, "Softmax") for a in axis))
+        return softmax(x, axis[0] if isinstance(axis, (list, tuple)) else axis)
+
+    def axes(self, ndim: int) -> tuple[int, ...]:
+        """The axes (from 0) of an ``ndim``-D input along which the layer mixes values."""
+        if self.class_name == "Softmax":
+            axis = self.arguments["axis"]
+            listed = axis if isinstance(axis, (list, tuple)) else [axis]
+            return tuple(sorted({a % ndim for a in listed}))
+        if self.class_name == "Activation":
+            return coupled_axes(self.arguments["activation"], ndim)
+        return ()
+
+    def get_config(self) -> dict[str, Any]:
+        """The layer's config, as given."""
+        return dict(self.config)
+
+    def __repr__(self) -> str:
+        return f"ActivationLayer({self.class_name!r}, {self.config!r})"
+
+
+def coupled_axes(activation: Activation | None, ndim: int = 5) -> tuple[int, ...]:
+    """The axes (from 0) of an ``ndim``-D output along which ``activation`` mixes values.
+
+    Empty for elementwise activations; the last axis for softmax, log_softmax,
+    sparsemax and glu; a Softmax layer's own axes. A computation split into
+    pieces must keep these axes whole.
+    """
+    if isinstance(activation, ActivationLayer):
+        return activation.axes(ndim)
+    if activation is not None and _NAME_OF.get(id(activation)) in _COUPLING:
+        return (ndim - 1,)
+    return ()
+
+
+def output_dtype(activation: Activation | None, dtype: np.dtype) -> np.dtype:
+    """The dtype ``activation`` leaves values of ``dtype`` in: an activation layer's
+    compute dtype (Keras's sublayers apply their own policy), else ``dtype``."""
+    if isinstance(activation, ActivationLayer):
+        from conv3dt.dtypes import numpy_dtype
+
+        return numpy_dtype(activation.compute_dtype)
+    return np.dtype(dtype)
+
+
+def _layer_from_dict(config: dict[str, Any]) -> ActivationLayer:
+    inner = config.get("config")
+    if inner is None:
+        inner = {}
+    if not isinstance(inner, dict):
+        raise ValueError(
+            "The 'config' of a serialized activation layer must be a dict. "
+            f"Received: activation={config!r}"
+        )
+    return ActivationLayer(config["class_name"], inner)
+
+
 def names() -> list[str]:
     """Every activation name :func:`get` accepts, sorted."""
     return sorted(name for name in _BY_NAME if name != "threshold")
@@ -469,6 +657,9 @@ def _from_dict(config: dict[str, Any]) -> Activation:
         )
     module = config.get("module")
     registered = config.get("registered_name")
+    layer_module = module in ("keras.layers", "keras.src.layers")
+    if layer_module and registered in (None, config["class_name"]):
+        return _layer_from_dict(config)
     name = config.get("config")
     if (
         config["class_name"] != "function"
@@ -513,11 +704,23 @@ def get(identifier: str | dict[str, Any] | Activation | None) -> Activation | No
         return _from_name(identifier)
     if isinstance(identifier, dict):
         return _from_dict(identifier)
+    if isinstance(identifier, ActivationLayer):
+        return identifier
+    if _is_keras_layer(identifier):
+        return ActivationLayer(type(identifier).__name__, identifier.get_config())
     if callable(identifier):
         return identifier
     raise ValueError(
         "Could not interpret activation function identifier: expected a name, a Keras "
         f"serialized dict or a callable. Received: activation={identifier!r}"
+    )
+
+
+def _is_keras_layer(value: Any) -> bool:
+    # A keras.layers object, recognised without importing Keras.
+    module = type(value).__module__
+    return (module == "keras" or module.startswith("keras.")) and callable(
+        getattr(value, "get_config", None)
     )
 
 
@@ -542,6 +745,13 @@ def serialize(activation: Activation | None) -> str | dict[str, Any]:
     """
     if activation is None:
         return "linear"
+    if isinstance(activation, ActivationLayer):
+        return {
+            "module": "keras.layers",
+            "class_name": activation.class_name,
+            "config": activation.get_config(),
+            "registered_name": None,
+        }
     name = _NAME_OF.get(id(activation))
     if name is not None:
         return name

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from conv3dt import __version__, interrupt
+from conv3dt import __version__, activations, interrupt
 from conv3dt.boundary import axis_pads
 from conv3dt.dtypes import accumulation_dtype, numpy_dtype
 from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region, resolve_engine
@@ -300,9 +300,18 @@ def prepare(
             "channels; conv3dt upsample does not support it"
         )
     whole: list[int] = []
-    if layer.data_format == "channels_first" and activation in _COUPLING_ACTIVATIONS:
-        # These act along the last axis: in channels_first that is the width.
-        whole.append(2)
+    # Spatial axes the activation mixes values along stay whole in every tile:
+    # softmax and the like act on the last axis (in channels_first the width),
+    # a Softmax layer on the axes it names.
+    first_spatial = 2 if layer.data_format == "channels_first" else 1
+    for axis in activations.coupled_axes(layer.activation):
+        if axis == 0:
+            raise ValueError(
+                "the activation mixes the volumes of a batch (a Softmax layer over axis 0); "
+                "conv3dt upsample computes each volume on its own"
+            )
+        if first_spatial <= axis < first_spatial + 3:
+            whole.append(axis - first_spatial)
     out_dtype = np.dtype(output_dtype)
     # A compressed NIfTI output buffers planes of the stored dtype; integer
     # outputs go to a scratch file instead (their scaling waits for the range).
@@ -497,7 +506,6 @@ def read_tile_input(
     return layout.to_canonical(source.read(layout.box(sample, tile.in_start, tile.in_stop)))
 
 
-
 def read_tile(
     source: VolumeReader,
     layout: DiskLayout,
@@ -539,6 +547,7 @@ def read_tile(
         in_stop=tuple(b for _, b in spans),  # type: ignore[arg-type]
     )
     return x, padded
+
 
 def volume_engine(
     layer: Conv3DTranspose, axes: tuple[AxisGeometry, ...], batch: int, engine: str
@@ -603,15 +612,17 @@ def compute_tile(
         np.add(conv, bias.astype(conv.dtype), out=conv)
     if layer.activation is None:
         return conv
+    # An activation layer's output is in its own compute dtype, as in layer.finish.
+    dtype = activations.output_dtype(layer.activation, conv.dtype)
     if layer.data_format == "channels_first":
         moved = np.moveaxis(conv, -1, 1)
-        if _activation_name(layer) in _COUPLING_ACTIVATIONS:
-            # Reductions along the width must run over contiguous rows, as in
-            # the whole-volume call: NumPy's summation order follows the layout.
+        if activations.coupled_axes(layer.activation):
+            # Reductions must run over the layout of the whole-volume call:
+            # NumPy's summation order follows the layout.
             moved = np.ascontiguousarray(moved)
-        activated = np.asarray(layer.activation(moved)).astype(moved.dtype, copy=False)
+        activated = np.asarray(layer.activation(moved)).astype(dtype, copy=False)
         return np.moveaxis(activated, 1, -1)
-    return np.asarray(layer.activation(conv)).astype(conv.dtype, copy=False)
+    return np.asarray(layer.activation(conv)).astype(dtype, copy=False)
 
 
 class TileBuffers:

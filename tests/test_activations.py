@@ -200,12 +200,29 @@ def test_unknown_name_lists_valid_names():
             "config": "relu",
             "registered_name": "MyPackage>relu",
         },
-        {"module": "keras.layers", "class_name": "ReLU", "config": {}, "registered_name": None},
+        # A layer registered by user code under a built-in's class name.
+        {
+            "module": "keras.layers",
+            "class_name": "ReLU",
+            "config": {},
+            "registered_name": "My>ReLU",
+        },
         {"class_name": "__lambda__", "config": {"value": "..."}},
     ],
 )
 def test_custom_objects_are_refused(config):
     with pytest.raises(ValueError, match="custom objects"):
+        activations.get(config)
+
+
+def test_activation_layers_with_weights_are_refused():
+    config = {
+        "module": "keras.layers",
+        "class_name": "PReLU",
+        "config": {},
+        "registered_name": None,
+    }
+    with pytest.raises(ValueError, match=r"PReLU.*weights"):
         activations.get(config)
 
 

@@ -16,6 +16,8 @@ compute dtype.
 
 from __future__ import annotations
 
+import json
+import warnings
 import zlib
 from typing import Any
 
@@ -28,8 +30,9 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 from test_parity_keras import normalized, random_config, random_weights, to_numpy  # noqa: E402
 
 from conv3dt import Conv3DTranspose  # noqa: E402
+from conv3dt.keras_file import load_layer  # noqa: E402
 from conv3dt.run import upsample_file  # noqa: E402
-from conv3dt.spec import LayerSpec  # noqa: E402
+from conv3dt.spec import LayerSpec, load_spec  # noqa: E402
 
 KerasLayer = keras.layers.Conv3DTranspose
 
@@ -434,3 +437,131 @@ def test_keras_suite_layer_facts(case: int) -> None:
     assert ours(x).shape == KERAS_SUITE_SHAPES[case]
     assert (len(ours.trainable_weights), len(ours.non_trainable_weights)) == (2, 0)
     assert ours.losses == []
+
+
+# ---------------------------------------------------------------------------
+# 4. Keras's activation layers as a layer's activation
+
+
+def _activation_layers() -> list[tuple[str, Any]]:
+    layers = keras.layers
+    return [
+        ("leaky_relu", layers.LeakyReLU(negative_slope=0.37)),
+        ("relu_all_args", layers.ReLU(max_value=0.8, negative_slope=0.1, threshold=0.2)),
+        ("relu_max", layers.ReLU(max_value=1.0)),
+        ("elu", layers.ELU(alpha=0.4)),
+        ("softmax_axis_1", layers.Softmax(axis=1)),
+        ("softmax_two_axes", layers.Softmax(axis=[2, 3])),
+        ("activation_tanh", layers.Activation("tanh")),
+        ("activation_softmax", layers.Activation("softmax")),
+        ("leaky_relu_float64", layers.LeakyReLU(0.2, dtype="float64")),
+    ]
+
+
+ACTIVATION_LAYER_IDS = [name for name, _ in _activation_layers()]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("index", range(len(ACTIVATION_LAYER_IDS)), ids=ACTIVATION_LAYER_IDS)
+def test_activation_layers(index: int, data_format: str, policy: str) -> None:
+    """The Keras object, its serialized dict and Keras's saved config give Keras's numbers.
+
+    The activation layer applies its own dtype policy, as Keras's sublayers do:
+    under mixed_float16 a float32 LeakyReLU gives float32 outputs.
+    """
+    rng = np.random.default_rng(100 + index)
+    activation = _activation_layers()[index][1]
+    kwargs = {
+        "filters": 3,
+        "kernel_size": 2,
+        "strides": 2,
+        "data_format": data_format,
+        "activation": activation,
+        "dtype": policy,
+    }
+    shape = (2, 3, 2, 4, 3) if data_format == "channels_last" else (2, 3, 3, 2, 4)
+    theirs = KerasLayer(**kwargs)
+    theirs.build(shape)
+    weights = random_weights(tuple(theirs.kernel.shape), True, rng)
+    theirs.set_weights(weights)
+    config = normalized(theirs.get_config())
+    serialized = keras.saving.serialize_keras_object(activation)
+    x = rng.standard_normal(shape).astype(np.float32)
+    expected = to_numpy(theirs(x))
+    for ours in (
+        Conv3DTranspose.from_config(config),
+        Conv3DTranspose(**kwargs),
+        Conv3DTranspose(**{**kwargs, "activation": serialized}),
+    ):
+        ours.set_weights(weights)
+        got = ours(x)
+        assert got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        assert {**normalized(ours.get_config()), "name": config["name"]} == config
+
+
+def test_activation_layers_in_streamed_tiles_spec_and_model_file(tmp_path) -> None:
+    """A Softmax over the depth (channels_last axis 1) keeps the depth whole in every
+    tile; a spec and a .keras file carrying activation layers give Keras's numbers."""
+    rng = np.random.default_rng(7)
+    shape = (1, 4, 3, 5, 2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    for activation in (keras.layers.Softmax(axis=1), keras.layers.LeakyReLU(0.25)):
+        theirs = KerasLayer(2, 3, strides=2, padding="same", activation=activation)
+        theirs.build(shape)
+        weights = random_weights(tuple(theirs.kernel.shape), True, rng)
+        theirs.set_weights(weights)
+        expected = to_numpy(theirs(x))
+        ours = Conv3DTranspose.from_config(normalized(theirs.get_config()))
+        ours.set_weights(weights)
+        upsample_file(
+            LayerSpec(ours, "test"),
+            str(tmp_path / "in.npy"),
+            str(tmp_path / "out.npy"),
+            tile_shape=(2, 2, 3),
+        )
+        np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-5)
+        # A spec whose layer: is Keras's config.
+        np.save(tmp_path / "kernel.npy", weights[0])
+        np.save(tmp_path / "bias.npy", weights[1])
+        spec = {
+            "layer": normalized(theirs.get_config()),
+            "weights": {"kernel": "kernel.npy", "bias": "bias.npy"},
+        }
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        np.testing.assert_allclose(
+            load_spec(tmp_path / "spec.json").layer(x), expected, rtol=1e-5, atol=1e-5
+        )
+        # A model file saved by Keras.
+        model = keras.Sequential([keras.Input(shape[1:]), theirs])
+        with warnings.catch_warnings():
+            # Keras's torch backend converts weights with np.array(tensor), which
+            # NumPy 2 flags; the saved values are unaffected.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model.save(tmp_path / "model.keras")
+        loaded = load_layer(tmp_path / "model.keras")
+        np.testing.assert_allclose(loaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_layer_refusals() -> None:
+    """Keras's own refusals of the arguments, and PReLU, which has weights."""
+    for arguments, regex in [
+        ({"max_value": -1.0}, "max_value of a ReLU layer cannot be a negative value"),
+        ({"negative_slope": -0.5}, "negative_slope of a ReLU layer cannot be None or a negative"),
+        ({"threshold": -0.5}, "threshold of a ReLU layer cannot be None or a negative"),
+    ]:
+        with pytest.raises(ValueError, match=regex):
+            keras.layers.ReLU(**arguments)
+        serialized = {"module": "keras.layers", "class_name": "ReLU", "config": arguments}
+        with pytest.raises(ValueError, match=regex):
+            Conv3DTranspose(2, 2, activation=serialized)
+    regex = "The negative_slope value of a Leaky ReLU layer cannot be None or negative"
+    with pytest.raises(ValueError, match=regex):
+        keras.layers.LeakyReLU(negative_slope=-1.0)
+    serialized = {"module": "keras.layers", "class_name": "LeakyReLU", "config": {"alpha": -1.0}}
+    with pytest.raises(ValueError, match=regex):
+        Conv3DTranspose(2, 2, activation=serialized)
+    with pytest.raises(ValueError, match=r"PReLU.*weights"):
+        Conv3DTranspose(2, 2, activation=keras.layers.PReLU())
