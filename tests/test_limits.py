@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -287,3 +288,184 @@ def test_a_signal_at_the_very_end_exits_130(tmp_path, mode):
         # The signal came after the output was complete: it is whole, not partial.
         with open_volume(str(target)) as reader:
             assert reader.shape == (16, 128, 128, 4)
+
+
+# -- 12. local clusters the machine can hold -----------------------------------
+
+
+def test_local_workers_are_capped_to_the_machine_with_one_warning(monkeypatch, caplog):
+    import conv3dt.distributed as cluster
+
+    monkeypatch.setattr(cluster, "available_cores", lambda: 2)
+    monkeypatch.setattr(cluster, "available_memory", lambda: 8 * 2**30)
+    started = []
+
+    class FakeDistributed:
+        class LocalCluster:
+            def __init__(self, n_workers, **options):
+                started.append(n_workers)
+
+            def close(self):
+                pass
+
+        @staticmethod
+        def Client(cluster):
+            return object()
+
+    monkeypatch.setattr(cluster, "import_distributed", lambda: FakeDistributed)
+    with caplog.at_level("WARNING", logger="conv3dt"):
+        assert cluster.capped_workers(2, task_memory=2**30) == 2
+        assert caplog.records == []
+        cluster.connect("local:99999", task_memory=2**30)
+    assert started == [2]
+    [record] = caplog.records
+    assert "local:99999" in record.getMessage() and "2 cores" in record.getMessage()
+    # Memory caps too: 8 GiB holds three workers of 256 MiB plus a 2 GiB task each.
+    monkeypatch.setattr(cluster, "available_cores", lambda: 64)
+    assert cluster.capped_workers(16, task_memory=2 * 2**30) == 3
+
+
+# -- 12. an .npy stream on standard output ----------------------------------------
+
+
+class _Stream:
+    """A stand-in for ``sys.stdout.buffer``: notes the tiles computed at each write."""
+
+    def __init__(self, computed: list[int]) -> None:
+        self.computed = computed
+        self.writes: list[tuple[int, int]] = []
+        self.data = bytearray()
+
+    def write(self, data) -> int:
+        self.writes.append((len(data), len(self.computed)))
+        self.data += bytes(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _streamed(tmp_path, monkeypatch, layer, x, **options):
+    import conv3dt.run as run
+
+    computed: list[int] = []
+    real = run.compute_tile
+
+    def compute_tile(*args, **kwargs):
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "compute_tile", compute_tile)
+    stream = _Stream(computed)
+    monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(buffer=stream))
+    np.save(tmp_path / "in.npy", x)
+    result = upsample_file(LayerSpec(layer, "t"), str(tmp_path / "in.npy"), "-", **options)
+    return result, stream
+
+
+def test_stdout_gets_the_npy_tile_by_tile_in_bounded_memory(tmp_path, monkeypatch):
+    import io
+
+    layer = _layer(2, 3, kernel_size=3, strides=2, padding="same")
+    x = np.random.default_rng(20).standard_normal((8, 10, 12, 2)).astype(np.float32)
+    np.save(tmp_path / "in.npy", x)
+    spec = LayerSpec(layer, "t")
+    with open_volume(str(tmp_path / "in.npy")) as source:
+        slab = prepare_file(spec, source, "-", tile_shape=(2, 20, 24))
+        planned = prepare_file(spec, source, "-", memory_limit=slab.prepared.plan.peak_bytes)
+    plan = planned.prepared.plan
+    # Slabs whole along the later axes: tile order is the file's C order.
+    assert plan.tile_shape[1:] == (20, 24) and len(plan) > 1
+    result, stream = _streamed(
+        tmp_path, monkeypatch, layer, x, memory_limit=slab.prepared.plan.peak_bytes
+    )
+    expected = io.BytesIO()
+    np.save(expected, layer(x[None])[0])
+    assert bytes(stream.data) == expected.getvalue()
+    _, *tiles = stream.writes
+    assert len(tiles) == result.tiles > 1
+    # Each tile went out while the next one was computed, at the latest.
+    assert all(computed <= number + 1 for number, (_, computed) in enumerate(tiles, 1))
+    assert max(size for size, _ in tiles) <= np.prod(plan.tile_shape) * 3 * 4
+
+
+def test_stdout_gets_out_of_order_boxes_through_a_scratch_file(tmp_path, monkeypatch):
+    import io
+
+    layer = Conv3DTranspose(filters=2, kernel_size=2, strides=2, data_format="channels_first")
+    layer.build((1, 3, 1, 1, 1), seed=1)
+    x = np.random.default_rng(21).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    # Channels first: a tile holds every channel of its slab, which is not one run.
+    result, stream = _streamed(tmp_path, monkeypatch, layer, x, tile_shape=(2, 10, 12))
+    assert result.tiles == 4
+    expected = io.BytesIO()
+    np.save(expected, layer(x[None])[0])
+    assert bytes(stream.data) == expected.getvalue()
+
+
+def _cli(*args: str, prefix: tuple[str, ...] = ()) -> list[str]:
+    return [*prefix, sys.executable, "-m", "conv3dt", *args]
+
+
+def test_a_reader_closing_the_pipe_is_named(tmp_path):
+    spec, source = _stop_job(tmp_path)
+    process = subprocess.Popen(
+        _cli("upsample", str(source), "--spec", str(spec), "-o", "-", "-q"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.read(100)[:6] == b"\x93NUMPY"
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=600) == 1, stderr
+    assert "the output pipe was closed by the reader" in stderr
+    assert "Traceback" not in stderr and "partial output was removed" not in stderr
+
+
+def test_a_closed_stdout_is_named(tmp_path):
+    spec, source = _stop_job(tmp_path)
+    done = subprocess.run(
+        _cli(
+            "upsample",
+            str(source),
+            "--spec",
+            str(spec),
+            "-o",
+            "-",
+            prefix=("sh", "-c", 'exec "$@" >&-', "sh"),
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "stdout, which is closed" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- 12. float16 overflow ----------------------------------------------------------
+
+
+def test_float16_overflow_is_reported_once_in_plain_words(tmp_path, caplog):
+    layer = Conv3DTranspose(filters=1, kernel_size=2, strides=2, use_bias=False)
+    layer.build((1, 1, 1, 1, 1), seed=0)
+    layer.set_weights([np.ones((2, 2, 2, 1, 1), np.float32)])
+    x = np.full((4, 4, 4), 1000.0, np.float32)
+    x[0] = 1e5  # beyond float16's largest value, 65504, in every tile
+    np.save(tmp_path / "in.npy", x)
+    with caplog.at_level("WARNING", logger="conv3dt"):
+        result = upsample_file(
+            LayerSpec(layer, "t"),
+            str(tmp_path / "in.npy"),
+            str(tmp_path / "out.npy"),
+            output_dtype="float16",
+            tile_shape=(8, 2, 2),
+        )
+    assert result.tiles == 16
+    out = np.load(tmp_path / "out.npy")
+    assert int(np.isinf(out).sum()) == 2 * 8 * 8
+    [record] = caplog.records
+    assert record.getMessage().endswith(
+        "128 voxels exceeded float16's range (±65504) and were stored as inf"
+    )

@@ -3,16 +3,19 @@
 A ``.npy`` file is a small text header followed by one raw array, so a box is a
 set of byte runs at computable offsets: reads use ``os.pread`` and writes
 ``os.pwrite`` of only those runs, keeping memory near the box size. The path
-``"-"`` reads a whole ``.npy`` stream from standard input, or buffers the output
-and writes it to standard output at commit.
+``"-"`` reads a whole ``.npy`` stream from standard input, or writes the output
+to standard output as its boxes arrive (the header first, then the array in C
+order).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
 import sys
+import tempfile
 from typing import BinaryIO
 
 import numpy as np
@@ -22,7 +25,9 @@ from conv3dt.volumes.base import (
     Box,
     VolumeError,
     VolumeReader,
+    VolumeWriteError,
     VolumeWriter,
+    box_shape,
     pwrite_all,
     read_raw_box,
     write_raw_box,
@@ -191,8 +196,39 @@ class NpyWriter(VolumeWriter):
                 pass
 
 
+# Bytes per read when boxes that came out of order are copied to the stream.
+_COPY_BYTES = 16 << 20
+
+
+def _contiguous_start(shape: tuple[int, ...], box: Box) -> int | None:
+    """The element offset of a box that is one run of a C-order array; None if it is not.
+
+    A box is one run when it is one index thick on the axes before its first
+    longer one, and whole on every axis after that.
+    """
+    extents = box_shape(box)
+    first = next((a for a, n in enumerate(extents) if n != 1), len(extents))
+    if any(box[a] != slice(0, shape[a]) for a in range(first + 1, len(shape))):
+        return None
+    start = 0
+    for part, length in zip(box, shape, strict=True):
+        start = start * length + part.start
+    return start
+
+
 class NpyStreamWriter(VolumeWriter):
-    """Buffer the whole array in memory and write it as ``.npy`` to a stream at commit."""
+    """Write a C-order ``.npy`` to a stream (standard output by default) as boxes arrive.
+
+    The header goes out when the writer opens, and each box as soon as it
+    continues the array in C order: slabs whole along every later axis, in
+    order, as the tiles planned for a stream are. From the first box that does
+    not continue it, boxes go to an anonymous scratch file instead, copied to
+    the stream at commit, so memory stays near one box either way. Voxels never
+    written are 0.
+
+    What reached the stream cannot be taken back: an aborted writer leaves the
+    reader a truncated array.
+    """
 
     format = "npy"
 
@@ -200,23 +236,80 @@ class NpyStreamWriter(VolumeWriter):
         self, shape: tuple[int, ...], dtype: np.dtype, stream: BinaryIO | None = None
     ) -> None:
         self._stream = stream
-        self._buffer: np.ndarray | None = None
+        self._next = 0  # elements already on the stream
+        self._scratch: BinaryIO | None = None
         super().__init__("-", shape, dtype)
 
     def _label(self) -> str:
         return "<stdout>"
 
     def _open(self) -> None:
-        self._buffer = np.zeros(self.shape, dtype=self.dtype)
+        if self._stream is None:
+            if sys.stdout is None:
+                raise VolumeWriteError("cannot write the output: standard output is closed")
+            self._stream = sys.stdout.buffer
+        self._send(header_bytes(self.shape, self.dtype))
+
+    def _send(self, data: bytes | memoryview | None) -> None:
+        """Write ``data`` to the stream (None: flush it), naming a closed pipe or stream."""
+        try:
+            if data is None:
+                self._stream.flush()
+            else:
+                self._stream.write(data)
+        except BrokenPipeError:
+            if self._stream is getattr(sys.stdout, "buffer", None):
+                # Nothing more can reach the reader; without this, Python's own
+                # flush at exit would fail again, with a traceback.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            raise VolumeWriteError(
+                "cannot write the output: the output pipe was closed by the reader"
+            ) from None
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise VolumeWriteError(
+                    "cannot write the output: standard output is closed"
+                ) from None
+            raise
 
     def _write(self, box: Box, array: np.ndarray) -> None:
-        self._buffer[box] = array
+        if array.size == 0:
+            return
+        start = None if self._scratch is not None else _contiguous_start(self.shape, box)
+        if start == self._next:
+            data = np.ascontiguousarray(array, dtype=self.dtype)
+            self._send(memoryview(data.reshape(-1).view(np.uint8)))
+            self._next += data.size
+            return
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryFile(prefix="conv3dt-stdout-")
+        write_raw_box(self._scratch.fileno(), 0, self.shape, self.dtype, box, array)
 
     def _finish(self) -> None:
-        stream = sys.stdout.buffer if self._stream is None else self._stream
-        npformat.write_array(stream, self._buffer, allow_pickle=False)
-        stream.flush()
-        self._buffer = None
+        total = math.prod(self.shape) * self.dtype.itemsize
+        position = self._next * self.dtype.itemsize
+        while position < total:
+            size = min(_COPY_BYTES, total - position)
+            if self._scratch is None:
+                chunk = bytes(size)
+            else:
+                # Past the scratch file's end (never written) reads nothing: zeros.
+                chunk = os.pread(self._scratch.fileno(), size, position)
+                chunk += bytes(size - len(chunk))
+            self._send(chunk)
+            position += size
+        self._send(None)
+        self._close_scratch()
+
+    def _close_scratch(self) -> None:
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            scratch.close()
 
     def _discard(self) -> None:
-        self._buffer = None
+        try:
+            self._close_scratch()
+        except OSError:
+            pass
