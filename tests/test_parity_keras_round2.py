@@ -27,7 +27,7 @@ import pytest
 keras = pytest.importorskip("keras")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-from test_parity_keras import normalized, random_config, random_weights, to_numpy  # noqa: E402
+from test_parity_keras import build_pair, normalized, random_config, random_weights, to_numpy  # noqa: E402
 
 from conv3dt import Conv3DTranspose  # noqa: E402
 from conv3dt.keras_file import load_layer  # noqa: E402
@@ -565,3 +565,30 @@ def test_activation_layer_refusals() -> None:
         Conv3DTranspose(2, 2, activation=serialized)
     with pytest.raises(ValueError, match=r"PReLU.*weights"):
         Conv3DTranspose(2, 2, activation=keras.layers.PReLU())
+
+
+# ---------------------------------------------------------------------------
+# 7. Deliberately stricter or more useful than Keras (README, "Differences from Keras")
+
+
+def test_integer_dtype_policy_is_refused_when_the_layer_is_made() -> None:
+    theirs = KerasLayer(2, 2, dtype="int32")  # accepted...
+    with pytest.raises(NotImplementedError):
+        theirs.build((1, 2, 2, 2, 1))  # ...and fails drawing its weights
+    with pytest.raises(ValueError, match=r"Unsupported `dtype`.*dtype='int32'"):
+        Conv3DTranspose(2, 2, dtype="int32")
+
+
+@pytest.mark.parametrize("policy", ["float32", "float64", "mixed_float16"])
+def test_integer_inputs_are_converted_to_the_compute_dtype(policy: str) -> None:
+    rng = np.random.default_rng(4)
+    kwargs = {"filters": 2, "kernel_size": 3, "strides": 2, "dtype": policy}
+    shape = (1, 3, 2, 4, 2)
+    ours, theirs = build_pair(kwargs, shape, rng)
+    x = rng.integers(-100, 100, size=shape).astype(np.int32)
+    with pytest.raises(NotImplementedError):
+        to_numpy(theirs(x))
+    expected = ours(x.astype(np.float32))
+    got = ours(x)
+    assert got.dtype == expected.dtype
+    np.testing.assert_array_equal(got, expected)
