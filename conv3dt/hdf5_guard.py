@@ -19,9 +19,10 @@ import h5py
 
 __all__ = ["BOMB_FLOOR_BYTES", "BOMB_MAX_EXPANSION", "Hdf5Guard", "dataset_names"]
 
-# Datasets declaring far more bytes than they store are shape bombs.
-BOMB_FLOOR_BYTES = 1 << 32
-BOMB_MAX_EXPANSION = 1000
+# Datasets declaring far more bytes than they store are shape bombs: weights
+# compress a few times at most, and gzip cannot expand data 1000 times.
+BOMB_FLOOR_BYTES = 64 << 20
+BOMB_MAX_EXPANSION = 100
 # HDF5's own default bound on the links one lookup may follow.
 _MAX_SOFT_LINKS = 16
 

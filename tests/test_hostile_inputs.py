@@ -213,6 +213,19 @@ def test_npz_member_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
     _assert_refused(result, tmp_path, out, "weights.kernel", "weights.npz", "kernel.npy")
 
 
+def test_hdf5_weights_declaring_far_more_than_they_store_are_refused(tmp_path: Path) -> None:
+    # Chunks never written read as the fill value: 100 MiB from a file of a few KiB.
+    path = tmp_path / "weights.h5"
+    with h5py.File(path, "w") as handle:
+        shape = (*KERNEL_SHAPE[:4], BOMB_BYTES // (4 * 54))
+        handle.create_dataset("kernel", shape=shape, dtype="<f4", chunks=True, compression="gzip")
+    spec = _spec(tmp_path, {"kernel": "weights.h5:/kernel"})
+    assert _peak_traced(lambda: load_spec(spec)) < BOMB_BYTES // 10
+    out = tmp_path / "o.npy"
+    result = _run("upsample", str(_volume(tmp_path)), "--spec", str(spec), "-o", str(out))
+    _assert_refused(result, tmp_path, out, "weights.kernel", "/kernel", "stores far fewer")
+
+
 def test_npz_header_larger_than_its_member_is_refused(tmp_path: Path) -> None:
     shape = (*KERNEL_SHAPE[:4], 1 << 24)  # 217 MB declared in a member of a few bytes
     path = tmp_path / "weights.npz"
