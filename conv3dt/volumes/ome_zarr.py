@@ -288,7 +288,8 @@ class OmeZarrReader(VolumeReader):
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(datasets):
             raise ValueError(
                 f"`level` must be an int from 0 to {len(datasets) - 1} ({path} has "
-                f"{len(datasets)} levels). Received level={level!r}"
+                f"{len(datasets)} level{'s' if len(datasets) > 1 else ''}). "
+                f"Received level={excerpt(level)}"
             )
         dataset = datasets[index]
         where = dataset.get("path") if isinstance(dataset, dict) else None
