@@ -786,7 +786,8 @@ class TiledOutput:
         scratch_order = "F" if self.format == "nifti" else "C"
         self._header = _npy_header(prepared.out_layout.shape, self.storage_dtype, scratch_order)
         directory, name = os.path.split(os.path.abspath(_file_path(job.output)))
-        self.scratch = os.path.join(directory, f".{name}.conv3dt-partial.{scratch_format}")
+        extension = "ome.zarr" if scratch_format == "ome-zarr" else scratch_format
+        self.scratch = os.path.join(directory, f".{name}.conv3dt-partial.{extension}")
         self.record = os.path.join(directory, f".{name}.conv3dt-partial.jsonl")
         plan = prepared.plan
         self.tasks = [

@@ -593,3 +593,32 @@ def test_cli_channel_mismatch_does_not_suggest_4d_as_batch(tmp_path):
     assert result.exit_code == 2
     assert "has 3 channel(s)" in result.output and "--in-channels 3" in result.output
     assert "--4d-as-batch" not in result.output  # an OME-Zarr image names its axes
+
+
+def test_dask_interrupted_ome_zarr_run_resumes_and_builds_its_pyramid(tmp_path, client):  # noqa: F811
+    from conv3dt.batch import Job
+    from conv3dt.distributed import upsample_batch
+
+    spec = _spec(_layer(2, 3))
+    source = tmp_path / "in.ome.zarr"
+    _write_ngff(source, [_volume((2, 16, 8, 6))], "czyx", "0.5", scale=[1] * 4, translation=[0] * 4)
+    job = Job(str(source), str(tmp_path / "out.ome.zarr"))
+    options = {"threads": 1, "tile_shape": (4, 16, 12), "split": "tiles", "pyramid": 1}
+    done: list[int] = []
+
+    def stop_after_two(job: Job, voxels: int, total: int) -> None:
+        done.append(voxels)
+        if len(done) > 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        upsample_batch(client, spec, [job], progress=stop_after_two, **options)
+    assert not (tmp_path / "out.ome.zarr").exists()
+    assert (tmp_path / ".out.ome.zarr.conv3dt-partial.ome.zarr").is_dir()
+    (result,) = upsample_batch(client, spec, [job], resume=True, **options)
+    assert 2 <= result.extra["resumed_tiles"] < result.tiles == 8
+    upsample_file(spec, str(source), str(tmp_path / "serial.ome.zarr"), pyramid=1)
+    got, want = _reference(tmp_path / "out.ome.zarr"), _reference(tmp_path / "serial.ome.zarr")
+    for a, b in zip(got.images, want.images, strict=True):
+        np.testing.assert_array_equal(_values(a), _values(b))
+    assert not [p for p in os.listdir(tmp_path) if ".conv3dt-" in p]
