@@ -28,7 +28,7 @@ from test_distributed import client, session  # noqa: F401
 
 from conv3dt import Conv3DTranspose
 from conv3dt.run import upsample_file
-from conv3dt.spec import LayerSpec
+from conv3dt.spec import LayerSpec, load_spec
 from conv3dt.volumes import VolumeError, create_volume, open_volume
 from conv3dt.volumes.ome_zarr import OmeZarrReader
 
@@ -622,3 +622,39 @@ def test_dask_interrupted_ome_zarr_run_resumes_and_builds_its_pyramid(tmp_path, 
     for a, b in zip(got.images, want.images, strict=True):
         np.testing.assert_array_equal(_values(a), _values(b))
     assert not [p for p in os.listdir(tmp_path) if ".conv3dt-" in p]
+
+
+def test_cli_dask_over_a_directory_of_images_with_level_and_pyramid(tmp_path, session):  # noqa: F811
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        _write_ngff(
+            inputs / f"s{i}.ome.zarr",
+            [_volume((8, 6, 10), seed=i), _volume((4, 3, 5), seed=10 + i)],
+            "zyx",
+            "0.4",
+            scale=[1] * 3,
+            translation=[0] * 3,
+        )
+    spec = _spec_file(tmp_path)
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": session.cluster.scheduler_address}))
+    result = CliRunner().invoke(
+        main,
+        ["upsample", str(inputs), "--spec", str(spec), "--output-dir", str(tmp_path / "out"),
+         "--dask-scheduler-file", str(scheduler_file), "--threads", "1", "--level", "1",
+         "--pyramid", "1", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 3
+    for i in range(3):
+        out = tmp_path / "out" / f"s{i}_up.ome.zarr"
+        upsample_file(
+            load_spec(spec), str(inputs / f"s{i}.ome.zarr"), str(tmp_path / "serial.ome.zarr"),
+            level=1, pyramid=1, overwrite=True,
+        )  # fmt: skip
+        got, want = _reference(out), _reference(tmp_path / "serial.ome.zarr")
+        assert [im.data.shape for im in got.images] == [(2, 8, 6, 10), (2, 4, 3, 5)]
+        for a, b in zip(got.images, want.images, strict=True):
+            np.testing.assert_array_equal(_values(a), _values(b))
