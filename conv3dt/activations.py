@@ -682,8 +682,10 @@ def get(identifier: str | dict[str, Any] | Activation | None) -> Activation | No
     identifier : str, dict, callable or None
         A name (``"relu"``, ``"swish"``...), the dict that Keras's serialization
         writes for a built-in function (``{"module": "builtins", "class_name":
-        "function", "config": "relu", "registered_name": "function"}``), or a
-        callable, returned unchanged.
+        "function", "config": "relu", "registered_name": "function"}``), one of
+        Keras's weightless activation layers or the dict it is saved as
+        (``{"module": "keras.layers", "class_name": "LeakyReLU", "config": {...}}``),
+        given as an :class:`ActivationLayer`, or a callable, returned unchanged.
 
     Returns
     -------
@@ -695,8 +697,9 @@ def get(identifier: str | dict[str, Any] | Activation | None) -> Activation | No
     ------
     ValueError
         For an unknown name (the message lists the valid ones), a malformed dict, a
-        custom object's dict, the name ``"threshold"`` (it needs arguments) or a
-        value of another type.
+        custom object's dict, the name ``"threshold"`` (it needs arguments), an
+        activation layer with weights (``PReLU``) or refused arguments, or a value
+        of another type.
     """
     if identifier is None:
         return None
