@@ -138,6 +138,10 @@ class Plan:
         The parts of ``peak_bytes`` a streaming reader and writer hold: whole
         planes across the non-outermost axes, for one tile's extent along the
         outermost one.
+    in_chunk_cache_bytes : int
+        The part of ``peak_bytes`` for the decoded input chunks one tile's
+        input box meets (compressed chunks are decoded whole): a reader
+        caching that much decodes every chunk once.
     """
 
     axes: tuple[AxisGeometry, AxisGeometry, AxisGeometry]
@@ -149,6 +153,7 @@ class Plan:
     chunks: tuple[int, int, int] | None = None
     in_window_bytes: int = 0
     out_window_bytes: int = 0
+    in_chunk_cache_bytes: int = 0
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -260,6 +265,19 @@ class _Costs:
     stream_out: int
     outer: int
     activation_boxes: int
+    in_chunks: tuple[int, ...] | None = None
+    chunk_in: int = 0
+
+    def chunk_cache(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> int:
+        """Bytes of the whole decoded input chunks one tile's input box can meet."""
+        if self.in_chunks is None or not self.chunk_in:
+            return 0
+        count = 1
+        for g, t, c in zip(axes, tile, self.in_chunks, strict=True):
+            # An extent meets one chunk more than it spans when it is not aligned.
+            extent = _input_extent(g, t)
+            count *= min(math.ceil(g.input_length / c), math.ceil(max(extent - 1, 0) / c) + 1)
+        return count * math.prod(self.in_chunks) * self.chunk_in
 
     def boxes(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> tuple[int, int]:
         in_voxels = math.prod(_input_extent(g, t) for g, t in zip(axes, tile, strict=True))
@@ -287,6 +305,7 @@ class _Costs:
             + in_voxels * self.filters * self.work * _TAP_BOXES
             + out_voxels * self.filters * self.work * (_OUTPUT_BOXES + self.activation_boxes)
             + sum(self.windows(axes, tile))
+            + self.chunk_cache(axes, tile)
             + ENGINE_WORKSPACE_BYTES
         )
 
@@ -328,6 +347,7 @@ def plan_tiles(
     tile_shape: Sequence[int] | None = None,
     in_chunks: Sequence[int] | None = None,
     stream_in_bytes: int = 0,
+    in_chunk_bytes: int = 0,
     stream_out_bytes: int = 0,
     chunk_bytes: int | None = None,
     out_itemsize: int | None = None,
@@ -365,6 +385,12 @@ def plan_tiles(
         Bytes per voxel (all channels) that a streaming reader or writer keeps
         in whole planes across the non-outermost axes (a ``.nii.gz``); 0 for
         formats with random access.
+    in_chunk_bytes : int
+        Bytes per spatial voxel of a decoded ``in_chunks`` chunk (all the
+        channels and volumes it holds) when reads decode whole chunks
+        (compressed HDF5); 0 otherwise. The chunks one tile's input box meets
+        are counted in the estimate, so a reader that caches them decodes every
+        chunk once; a budget that cannot hold them is refused.
     chunk_bytes : int, optional
         When given, :attr:`Plan.chunks` is an output chunk shape of at most this
         many bytes (``filters * out_itemsize`` per voxel) dividing every tile.
@@ -402,6 +428,8 @@ def plan_tiles(
         stream_out=stream_out_bytes if streamed else 0,
         outer=order[0],
         activation_boxes=activation_boxes,
+        in_chunks=None if in_chunks is None else tuple(int(c) for c in in_chunks),
+        chunk_in=in_chunk_bytes,
     )
     out_shape = [g.output_length for g in axes]
     if tile_shape is not None:
@@ -467,4 +495,5 @@ def plan_tiles(
         chunks=chunks,
         in_window_bytes=in_window,
         out_window_bytes=out_window,
+        in_chunk_cache_bytes=costs.chunk_cache(axes, tile),
     )

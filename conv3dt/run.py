@@ -200,6 +200,7 @@ def prepare(
     output_spatial_first: bool | None = None,
     input_chunks: tuple[int, ...] | None = None,
     input_stream_itemsize: int = 0,
+    input_chunk_itemsize: int = 0,
     output_format: str | None = None,
     output_compressed: bool = False,
     output_sequential: bool = False,
@@ -233,6 +234,9 @@ def prepare(
     input_stream_itemsize : int
         Bytes per stored input value when the input is read as a stream
         (``.nii.gz``), else 0.
+    input_chunk_itemsize : int
+        Bytes per stored input value when reads decode whole ``input_chunks``
+        (compressed HDF5), else 0: the chunks a tile meets count in the budget.
     output_format : str, optional
         The output's format: "hdf5" and "zarr" get a chunk shape dividing the
         tiles (:attr:`Plan.chunks`); a compressed NIfTI output is a stream.
@@ -330,8 +334,17 @@ def prepare(
         whole.extend((1, 2))
     compute_itemsize = max(numpy_dtype(layer.compute_dtype).itemsize, 4)
     spatial_chunks = None
+    chunk_voxel_bytes = 0
     if input_chunks is not None:
         spatial_chunks = tuple(input_chunks[in_layout.axes.index(a)] for a in "zyx")
+        # A tile reads all channels of one volume: whole chunks across the
+        # channel axis, and every volume of a batch a chunk holds.
+        chunk_voxel_bytes = input_chunk_itemsize
+        for label, size, chunk in zip(in_layout.axes, in_layout.shape, input_chunks, strict=True):
+            if label == "c":
+                chunk_voxel_bytes *= math.ceil(size / chunk) * chunk
+            elif label == "b":
+                chunk_voxel_bytes *= chunk
     plan = plan_tiles(
         axes,
         in_layout.channels,
@@ -343,6 +356,7 @@ def prepare(
         tile_shape=tile_shape,
         in_chunks=spatial_chunks,
         stream_in_bytes=in_layout.channels * input_stream_itemsize,
+        in_chunk_bytes=chunk_voxel_bytes,
         stream_out_bytes=stream_out,
         chunk_bytes=DEFAULT_CHUNK_BYTES if output_format in _CHUNKED_FORMATS else None,
         out_itemsize=out_dtype.itemsize,
@@ -701,7 +715,9 @@ def input_storage(reader: VolumeReader) -> dict[str, Any]:
 
     ``storage_order`` ("F" for NIfTI, else "C"), ``input_chunks`` (HDF5 / Zarr
     chunk shape, or None), ``input_stream_itemsize`` (``.nii.gz``: bytes per
-    stored value, read as a stream; else 0) and ``axes`` (the layout labels an
+    stored value, read as a stream; else 0), ``input_chunk_itemsize``
+    (compressed HDF5: bytes per stored value of chunks decoded whole; else 0)
+    and ``axes`` (the layout labels an
     OME-Zarr image's metadata gives, else None).
     """
     chunks = getattr(reader, "chunks", None)
@@ -709,6 +725,7 @@ def input_storage(reader: VolumeReader) -> dict[str, Any]:
         "storage_order": "F" if reader.format == "nifti" else "C",
         "input_chunks": tuple(int(c) for c in chunks) if chunks else None,
         "input_stream_itemsize": int(getattr(reader, "stream_itemsize", 0)),
+        "input_chunk_itemsize": int(getattr(reader, "chunk_itemsize", 0)),
         "axes": getattr(reader, "layout_axes", None),
     }
 
@@ -812,6 +829,9 @@ def upsample_file(
         # the planes neighbouring tiles share and nothing more.
         if hasattr(source, "window_limit"):
             source.window_limit = plan.in_window_bytes // max(1, in_layout.channels)
+        if plan.in_chunk_cache_bytes:
+            # The decoded chunks a tile meets stay for the next tile that needs them.
+            source.chunk_cache_bytes = plan.in_chunk_cache_bytes
         if hasattr(writer, "buffer_limit"):
             writer.buffer_limit = plan.out_window_bytes
         total = in_layout.batch * int(np.prod(plan.output_shape))

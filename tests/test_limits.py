@@ -469,3 +469,72 @@ def test_float16_overflow_is_reported_once_in_plain_words(tmp_path, caplog):
     assert record.getMessage().endswith(
         "128 voxels exceeded float16's range (±65504) and were stored as inf"
     )
+
+
+# -- 11. compressed HDF5 chunks larger than a tile ----------------------------------
+
+
+def _one_chunk_h5(path: Path, n: int) -> np.ndarray:
+    import h5py
+
+    x = np.sin(np.arange(n**3, dtype=np.float32).reshape(n, n, n) / 77).astype(np.float32)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("v", data=x, chunks=(n, n, n), compression="gzip")
+    return x
+
+
+def test_a_compressed_chunk_counts_in_the_budget_and_is_decoded_once(tmp_path, monkeypatch):
+    from conv3dt.volumes.hdf5 import Hdf5Reader
+
+    x = _one_chunk_h5(tmp_path / "in.h5", 48)
+    chunk_bytes = 48**3 * 4
+    layer = _layer(1, 2, kernel_size=2, strides=2, padding="valid")
+    spec = LayerSpec(layer, "t")
+    with open_volume(str(tmp_path / "in.h5")) as source:
+        assert source.chunk_itemsize == 4
+        slab = prepare_file(spec, source, str(tmp_path / "o.npy"), tile_shape=(8, 96, 96))
+    plan = slab.prepared.plan
+    # The one chunk is decoded whole for any tile: the budget holds it.
+    assert plan.in_chunk_cache_bytes == chunk_bytes
+    assert plan.peak_bytes > chunk_bytes
+    cached = []
+    real = Hdf5Reader.chunk_cache_bytes
+
+    def record(reader, value):
+        cached.append(value)
+        real.fset(reader, value)
+
+    monkeypatch.setattr(Hdf5Reader, "chunk_cache_bytes", property(real.fget, record))
+    result = upsample_file(
+        spec, str(tmp_path / "in.h5"), str(tmp_path / "out.npy"), memory_limit=plan.peak_bytes
+    )
+    assert result.tiles > 1
+    # Every tile reads from the one decoded chunk, kept between tiles.
+    assert cached == [chunk_bytes]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), layer(x[None, ..., None])[0])
+
+
+def test_a_budget_below_a_compressed_chunk_is_refused_naming_the_limit(tmp_path):
+    _one_chunk_h5(tmp_path / "in.h5", 128)  # one 8 MiB chunk
+    spec = _spec_file(tmp_path, _layer(1, 1, kernel_size=2, strides=2, padding="valid"))
+    done = subprocess.run(
+        _cli(
+            "upsample",
+            str(tmp_path / "in.h5"),
+            "--spec",
+            str(spec),
+            "-o",
+            str(tmp_path / "out.npy"),
+            "--memory-limit",
+            "20M",
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--memory-limit" in done.stderr and "Traceback" not in done.stderr
+    suggested = int(done.stderr.split("give --memory-limit ")[1].split("M")[0])
+    assert suggested * 2**20 >= 16 * 2**20 + 8 * 2**20
+    assert not (tmp_path / "out.npy").exists()

@@ -215,6 +215,35 @@ class Hdf5Reader(VolumeReader):
             dataset=self._dataset.name,
         )
 
+    @property
+    def chunk_itemsize(self) -> int:
+        """Bytes per stored value when reads decode whole chunks (filtered, e.g. gzip), else 0.
+
+        HDF5 reads parts of unfiltered chunks straight from the file, but must
+        decode a compressed chunk whole for any part of it.
+        """
+        if self.chunks is None or self._dataset.id.get_create_plist().get_nfilters() == 0:
+            return 0
+        return self._dataset.dtype.itemsize
+
+    @property
+    def chunk_cache_bytes(self) -> int:
+        """Bytes of decoded chunks HDF5 keeps for the next reads (1 MiB unless set)."""
+        return int(self._dataset.id.get_access_plist().get_chunk_cache()[1])
+
+    @chunk_cache_bytes.setter
+    def chunk_cache_bytes(self, value: int) -> None:
+        chunk_bytes = int(np.prod(self.chunks or (1,))) * self._dataset.dtype.itemsize
+        access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+        # HDF5's advice: about 100 hash slots per chunk the cache can hold. With
+        # w0 = 1 chunks read whole go first, those a tile read in part stay.
+        slots = 100 * (int(value) // max(1, chunk_bytes) + 1)
+        access.set_chunk_cache(slots, int(value), 1.0)
+        name = self._dataset.name.encode()
+        # The open handles of a dataset share the cache of the first: close it first.
+        self._dataset.id.close()
+        self._dataset = h5py.Dataset(h5py.h5d.open(self._file.id, name, dapl=access))
+
     def _read(self, box: Box) -> np.ndarray:
         shape = box_shape(box)
         if 0 in shape:
