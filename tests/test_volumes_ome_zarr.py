@@ -29,7 +29,7 @@ from test_distributed import client, session  # noqa: F401
 from conv3dt import Conv3DTranspose
 from conv3dt.run import upsample_file
 from conv3dt.spec import LayerSpec, load_spec
-from conv3dt.volumes import VolumeError, create_volume, open_volume
+from conv3dt.volumes import VolumeError, VolumeMetadata, create_volume, open_volume
 from conv3dt.volumes.ome_zarr import OmeZarrReader
 
 UNIT = "micrometer"
@@ -378,13 +378,16 @@ def test_nifti_to_ome_zarr_keeps_geometry(tmp_path):
     x = _volume((6, 7, 8, 2))
     affine = np.diag([0.8, 1.3, 2.5, 1.0])
     affine[:3, 3] = (10.0, -4.0, 7.5)
-    nib.save(nib.Nifti1Image(x, affine), tmp_path / "in.nii")
+    image = nib.Nifti1Image(x, affine)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, tmp_path / "in.nii")
     layer = _layer(2, 3)
     out = tmp_path / "out.ome.zarr"
     upsample_file(_spec(layer), str(tmp_path / "in.nii"), str(out))
     image = _reference(out).images[0]
     # NIfTI's (i, j, k) become the three space axes in order; channels go first.
     assert image.dims == ("c", "z", "y", "x")
+    assert image.axes_units == {"c": None, "z": "millimeter", "y": "millimeter", "x": "millimeter"}
     expected = _expected(layer, np.moveaxis(x, -1, 0))
     np.testing.assert_allclose(_values(image), expected, rtol=1e-5, atol=1e-5)
     for name, s, t in zip("zyx", (0.8, 1.3, 2.5), (10.0, -4.0, 7.5), strict=True):
@@ -401,6 +404,14 @@ def test_an_oblique_affine_keeps_voxel_sizes_and_the_matrix_in_attributes(tmp_pa
     assert image.scale == {"z": 1.0, "y": 2.0, "x": 3.0}
     attrs = dict(zarr.open_group(str(out), mode="r").attrs)
     np.testing.assert_array_equal(attrs["conv3dt_affine"], affine)
+
+
+def test_a_tiff_style_unit_attribute_names_the_space_axes_unit(tmp_path):
+    out = tmp_path / "o.ome.zarr"
+    template = VolumeMetadata(attrs={"unit": "µm"})
+    with create_volume(str(out), (4, 5, 6), np.float32, template=template) as writer:
+        writer.write(None, np.ones((4, 5, 6), np.float32))
+    assert set(_reference(out).images[0].axes_units.values()) == {"micrometer"}
 
 
 def test_ome_zarr_to_nifti_puts_channels_last(tmp_path):

@@ -65,6 +65,20 @@ _ZARR_FORMAT = {"0.4": 2, "0.5": 3}
 _NGFF_KEYS = ("ome", "multiscales", "omero", "labels", "image-label", "plate", "well")
 _DEFAULT_NAMES = {"b": "t", "c": "c", "z": "z", "y": "y", "x": "x"}
 _DEFAULT_TYPES = {"b": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+# Length units as NIfTI headers (nibabel's names) and TIFF metadata (OME's
+# symbols) give them, by their NGFF (UDUNITS-2) names.
+_NGFF_UNITS = {
+    "meter": "meter",
+    "m": "meter",
+    "cm": "centimeter",
+    "mm": "millimeter",
+    "micron": "micrometer",
+    "µm": "micrometer",
+    "um": "micrometer",
+    "nm": "nanometer",
+    "pm": "picometer",
+    "Å": "angstrom",
+}
 # Pyramid levels are chunked at most this many voxels a side.
 _PYRAMID_CHUNK = 64
 # Source voxels one 2x mean step reads at a time: with its float64 sums about
@@ -431,6 +445,15 @@ def _spatial_transform(
     return [float(v) for v in voxel_sizes(matrix)], [0.0, 0.0, 0.0]
 
 
+def _space_unit(template: VolumeMetadata) -> str | None:
+    """The NGFF unit of the space axes of a NIfTI or TIFF input (None when unknown)."""
+    if template.nifti_header is not None:
+        unit = template.nifti_header.get_xyzt_units()[0]
+    else:
+        unit = template.attrs.get("unit")
+    return _NGFF_UNITS.get(unit) if isinstance(unit, str) else None
+
+
 def _multiscale_metadata(
     labels: str,
     template: VolumeMetadata,
@@ -449,11 +472,13 @@ def _multiscale_metadata(
         ):
             by_label[label] = (axis, step, shift)
     spatial_scale, spatial_translation = _spatial_transform(affine, group_attrs)
+    unit = None if known is not None else _space_unit(template)
     axes, scale, translation = [], [], []
     for label in labels:
-        axis, step, shift = by_label.get(
-            label, (NgffAxis(_DEFAULT_NAMES[label], _DEFAULT_TYPES[label]), 1.0, 0.0)
+        default = NgffAxis(
+            _DEFAULT_NAMES[label], _DEFAULT_TYPES[label], unit if label in "zyx" else None
         )
+        axis, step, shift = by_label.get(label, (default, 1.0, 0.0))
         if label in "zyx":
             step = spatial_scale["zyx".index(label)]
             shift = spatial_translation["zyx".index(label)]
