@@ -69,44 +69,56 @@ def _finish_run(a: np.ndarray, bias: np.ndarray, limits: np.ndarray, code: int) 
 def gather_rows(
     src: np.ndarray,
     first: int,
-    total: int,
     grid: np.ndarray,
     shift: np.ndarray,
+    line_order: np.ndarray,
+    line_start: np.ndarray,
     offsets: np.ndarray,
     dst: np.ndarray,
 ) -> None:
-    """Fill a GEMM operand: row ``i`` is grid point ``first + i``, its taps side by side.
+    """Fill a GEMM operand: row ``i`` is stream row ``first + i``, its taps side by side.
 
-    Grid points enumerate ``(batch, grid[0], grid[1], grid[2])`` in C order; point
-    ``(b, u0, u1, u2)`` is voxel ``(b, u + shift)`` of the input box ``src`` and
-    tap ``j`` reads voxel ``(b, u + shift + offsets[j])``, or zeros outside the
-    box. Rows before point 0 or past ``total`` are zeroed.
+    The stream holds the lines ``(batch, grid[0], grid[1])`` of the grid (C
+    order numbers them) one after another: the ``n``-th is line
+    ``line_order[n]``, its points ``u2 = 0 .. grid[2] - 1`` at stream rows
+    ``line_start[n] + u2`` (``line_start`` ascends, lines do not overlap);
+    every other stream row is padding, a row of zeros. Point ``(b, u0, u1,
+    u2)`` is voxel ``(b, u + shift)`` of the input box ``src`` and tap ``j``
+    reads voxel ``(b, u + shift + offsets[j])``, or zeros outside the box.
+    Only the first ``n_taps * channels`` columns of ``dst`` are written.
     """
     rows = dst.shape[0]
     n0, n1, n2, channels = src.shape[1], src.shape[2], src.shape[3], src.shape[4]
+    width = offsets.shape[0] * channels
     flat = src.reshape(-1, channels)
     n_taps = offsets.shape[0]
+    n_lines = line_start.shape[0]
     # Per tap, on the current line: first voxel's row, and the run's part inside the box.
     base = np.empty(n_taps, dtype=np.int64)
     lo = np.empty(n_taps, dtype=np.int64)
     hi = np.empty(n_taps, dtype=np.int64)
+    n = max(np.searchsorted(line_start, first, side="right") - 1, 0)
     i = 0
     while i < rows:
-        point = first + i
-        if point < 0:
-            dst[i] = 0
-            i += 1
-            continue
-        if point >= total:
-            dst[i:] = 0
+        row = first + i
+        if n >= n_lines:
+            dst[i:, :width] = 0
             return
-        u2 = point % grid[2]
-        line = point // grid[2]
+        u2 = row - line_start[n]
+        if u2 >= grid[2]:
+            n += 1
+            continue
+        if u2 < 0:
+            run = min(-u2, rows - i)
+            dst[i : i + run, :width] = 0
+            i += run
+            continue
+        line = line_order[n]
         u1 = line % grid[1]
         plane = line // grid[1]
         u0 = plane % grid[0]
         b = plane // grid[0]
-        run = min(grid[2] - u2, rows - i, total - point)
+        run = min(grid[2] - u2, rows - i)
         for j in range(n_taps):
             v0 = u0 + shift[0] + offsets[j, 0]
             v1 = u1 + shift[1] + offsets[j, 1]
@@ -134,9 +146,10 @@ def gather_rows(
 def scatter_rows(
     g: np.ndarray,
     first: int,
-    total: int,
     grid: np.ndarray,
     q_start: np.ndarray,
+    line_order: np.ndarray,
+    line_start: np.ndarray,
     strides: np.ndarray,
     out_start: np.ndarray,
     phase_table: np.ndarray,
@@ -147,29 +160,34 @@ def scatter_rows(
 ) -> None:
     """Sum GEMM results ``g[0] + g[1] + ...`` (in that order) and copy them to the box.
 
-    Row ``i`` of each ``g[j]`` is grid point ``first + i``, as in
-    :func:`gather_rows`; grid point ``u`` is ``q = q_start + u``. Column block
-    ``m`` holds the phase ``phase_table[m, a] = (phase, q_lo, q_hi)`` on each
-    axis ``a``; its output ``q * stride + phase`` is written when ``q_lo <= q <
-    q_hi`` on every axis. The epilogue ``(bias, limits, code)`` (see
-    :func:`_finish`) is applied to each written voxel.
+    Row ``i`` of each ``g[j]`` is stream row ``first + i``, laid out as in
+    :func:`gather_rows` (padding rows are skipped); grid point ``u`` is ``q =
+    q_start + u``. Column block ``m`` holds the phase ``phase_table[m, a] =
+    (phase, q_lo, q_hi)`` on each axis ``a``; its output ``q * stride + phase``
+    is written when ``q_lo <= q < q_hi`` on every axis. The epilogue ``(bias,
+    limits, code)`` (see :func:`_finish`) is applied to each written voxel.
     """
     parts, rows = g.shape[0], g.shape[1]
     finish = bias.shape[0] > 0 or code != 0
     filters = out.shape[4]
     n_phases = phase_table.shape[0]
+    n_lines = line_start.shape[0]
+    n = max(np.searchsorted(line_start, first, side="right") - 1, 0)
     i = 0
-    while i < rows:
-        point = first + i
-        if point >= total:
-            return
-        u2 = point % grid[2]
-        line = point // grid[2]
+    while i < rows and n < n_lines:
+        u2 = first + i - line_start[n]
+        if u2 >= grid[2]:
+            n += 1
+            continue
+        if u2 < 0:
+            i += min(-u2, rows - i)
+            continue
+        line = line_order[n]
         u1 = line % grid[1]
         plane = line // grid[1]
         u0 = plane % grid[0]
         b = plane // grid[0]
-        run = min(grid[2] - u2, rows - i, total - point)
+        run = min(grid[2] - u2, rows - i)
         q0 = q_start[0] + u0
         q1 = q_start[1] + u1
         for m in range(n_phases):

@@ -15,8 +15,9 @@ GEMM for the whole layer).
 
 Everything here depends on the layer only, except :class:`AxisGrid`, which
 places one box on the phase grid. Keeping the groups and their matrix shapes
-independent of the box is what makes tiled results bit-identical to untiled
-ones.
+independent of the box (and, in the GEMM engine, each grid point's row
+position within its GEMM: see :mod:`conv3dt.engine.gemm_engine`) is what
+makes tiled results bit-identical to untiled ones.
 """
 
 from __future__ import annotations
