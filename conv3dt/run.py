@@ -238,8 +238,9 @@ def prepare(
         Bytes per stored input value when reads decode whole ``input_chunks``
         (compressed HDF5), else 0: the chunks a tile meets count in the budget.
     output_format : str, optional
-        The output's format: "hdf5" and "zarr" get a chunk shape dividing the
-        tiles (:attr:`Plan.chunks`); a compressed NIfTI output is a stream.
+        The output's format: "hdf5", "zarr" and "ome-zarr" get a chunk shape
+        dividing the tiles (:attr:`Plan.chunks`); a compressed NIfTI output is a
+        stream.
     output_compressed : bool
         The output is a ``.nii.gz``.
     output_sequential : bool
