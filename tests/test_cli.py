@@ -13,8 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
-from conv3dt_cli.main import main
+from _cli_helpers import run_cli, write_spec
 
 from conv3dt import Conv3DTranspose
 
@@ -64,37 +63,17 @@ def _read(path: Path) -> np.ndarray:
     return np.asarray(image.dataobj)
 
 
-def _spec(tmp_path: Path, layer: Conv3DTranspose, in_channels: int, seed: int = 3) -> Path:
-    rng = np.random.default_rng(seed)
-    kernel = rng.uniform(-0.5, 0.5, layer.kernel_shape(in_channels)).astype(np.float32)
-    bias = rng.uniform(-0.2, 0.2, layer.filters).astype(np.float32)
-    np.save(tmp_path / "kernel.npy", kernel)
-    np.save(tmp_path / "bias.npy", bias)
-    layer.set_weights([kernel, bias])
-    spec = {
-        "layer": json.loads(json.dumps(layer.get_config())),
-        "weights": {"kernel": "kernel.npy", "bias": "bias.npy"},
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _run(*args: str) -> object:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
 @pytest.mark.parametrize("src", FORMATS)
 @pytest.mark.parametrize("dst", FORMATS)
 def test_every_format_pair_equals_the_library(tmp_path, src, dst):
     layer = Conv3DTranspose(3, 3, strides=2, padding="same", activation="relu")
-    spec = _spec(tmp_path, layer, 2)
+    spec = write_spec(tmp_path, layer, 2)
     rng = np.random.default_rng(0)
     volume = rng.standard_normal((6, 5, 4, 2)).astype(np.float32)
     source = tmp_path / f"in{FORMATS[src]}"
     target = tmp_path / f"out{FORMATS[dst]}"
     _write(source, volume)
-    result = _run("upsample", str(source), "--spec", str(spec), "-o", str(target), "-q")
+    result = run_cli("upsample", str(source), "--spec", str(spec), "-o", str(target), "-q")
     assert result.exit_code == 0, result.output
     expected = layer(volume[None])[0]
     got = _read(target)
@@ -106,11 +85,11 @@ def test_every_format_pair_equals_the_library(tmp_path, src, dst):
 
 def test_channels_first_npy_and_3d_inputs(tmp_path):
     layer = Conv3DTranspose(2, 2, strides=2, data_format="channels_first")
-    spec = _spec(tmp_path, layer, 3)
+    spec = write_spec(tmp_path, layer, 3)
     volume = np.random.default_rng(1).standard_normal((3, 4, 5, 6)).astype(np.float32)
     np.save(tmp_path / "cf.npy", volume)
     assert (
-        _run(
+        run_cli(
             "upsample", str(tmp_path / "cf.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
         ).exit_code
         == 0
@@ -118,11 +97,11 @@ def test_channels_first_npy_and_3d_inputs(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), layer(volume[None])[0])
 
     single = Conv3DTranspose(1, 3, strides=1, padding="same")
-    spec1 = _spec(tmp_path, single, 1)
+    spec1 = write_spec(tmp_path, single, 1)
     vol3 = np.random.default_rng(2).standard_normal((5, 6, 7)).astype(np.float32)
     np.save(tmp_path / "v3.npy", vol3)
     assert (
-        _run(
+        run_cli(
             "upsample",
             str(tmp_path / "v3.npy"),
             "--spec",
@@ -139,11 +118,11 @@ def test_channels_first_npy_and_3d_inputs(tmp_path):
 
 def test_batch_npy_5d(tmp_path):
     layer = Conv3DTranspose(2, 3, strides=(1, 2, 3), padding="valid")
-    spec = _spec(tmp_path, layer, 1)
+    spec = write_spec(tmp_path, layer, 1)
     batch = np.random.default_rng(4).standard_normal((3, 4, 3, 2, 1)).astype(np.float32)
     np.save(tmp_path / "b.npy", batch)
     assert (
-        _run(
+        run_cli(
             "upsample", str(tmp_path / "b.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
         ).exit_code
         == 0
@@ -181,7 +160,7 @@ def test_world_alignment_of_a_bright_voxel(tmp_path, padding, stride, output_pad
     volume = np.zeros((9, 8, 7), dtype=np.float32)
     volume[4, 3, 3] = 1.0
     nib.save(nib.Nifti1Image(volume, _affine()), tmp_path / "dot.nii")
-    result = _run(
+    result = run_cli(
         "upsample",
         str(tmp_path / "dot.nii"),
         "--spec",
@@ -201,20 +180,22 @@ def test_world_alignment_of_a_bright_voxel(tmp_path, padding, stride, output_pad
 
 def test_json_and_skip_existing_and_overwrite(tmp_path):
     layer = Conv3DTranspose(1, 2, strides=2)
-    spec = _spec(tmp_path, layer, 1)
+    spec = write_spec(tmp_path, layer, 1)
     inputs = tmp_path / "in"
     inputs.mkdir()
     for i in range(3):
         np.save(inputs / f"v{i}.npy", np.full((3, 3, 3), i, dtype=np.float32))
     out = tmp_path / "out"
-    result = _run("upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out), "--json")
+    result = run_cli(
+        "upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out), "--json"
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
     assert [Path(line["output"]).name for line in lines] == ["v0_up.npy", "v1_up.npy", "v2_up.npy"]
     assert all(line["output_shape"] == [6, 6, 6] for line in lines)
-    again = _run("upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out))
+    again = run_cli("upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out))
     assert again.exit_code == 2 and "exists" in again.output
-    skipped = _run(
+    skipped = run_cli(
         "upsample",
         str(inputs / "*.npy"),
         "--spec",
@@ -226,12 +207,12 @@ def test_json_and_skip_existing_and_overwrite(tmp_path):
     )
     assert skipped.exit_code == 0 and skipped.output.strip() == ""
     assert (
-        _run(
+        run_cli(
             "upsample", str(inputs), "--spec", str(spec), "--output-dir", str(out), "--overwrite"
         ).exit_code
         == 0
     )
-    named = _run(
+    named = run_cli(
         "upsample",
         str(inputs / "v1.npy"),
         "--spec",
@@ -248,7 +229,7 @@ def test_json_and_skip_existing_and_overwrite(tmp_path):
 
 def test_inspect_info_init(tmp_path):
     spec = tmp_path / "made.yaml"
-    result = _run(
+    result = run_cli(
         "init",
         "--filters",
         "4",
@@ -273,7 +254,7 @@ def test_inspect_info_init(tmp_path):
     assert kernel.shape == (3, 3, 3, 4, 2)
     limit = np.sqrt(6 / ((4 + 2) * 27))
     assert np.abs(kernel).max() <= limit and kernel.std() > limit / 4
-    again = _run(
+    again = run_cli(
         "init",
         "--filters",
         "4",
@@ -288,17 +269,17 @@ def test_inspect_info_init(tmp_path):
     )
     assert again.exit_code == 2
     np.save(tmp_path / "vol.npy", np.zeros((5, 6, 7, 2), dtype=np.float32))
-    report = _run("inspect", "--spec", str(spec), "--input", str(tmp_path / "vol.npy"), "--json")
+    report = run_cli("inspect", "--spec", str(spec), "--input", str(tmp_path / "vol.npy"), "--json")
     assert report.exit_code == 0, report.output
     data = json.loads(report.output)
     assert data["plan"]["output_shape"] == [10, 12, 14, 4]
     assert data["plan"]["flops"] == 2 * 5 * 6 * 7 * 2 * 4 * 27
     assert data["weights"]["kernel"]["shape"] == [3, 3, 3, 4, 2]
     assert data["layer"]["activation"] == "relu"
-    text = _run("inspect", "--spec", str(spec))
+    text = run_cli("inspect", "--spec", str(spec))
     assert text.exit_code == 0 and "kernel_size" in text.output
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), _affine()), tmp_path / "a.nii.gz")
-    info = _run("info", str(tmp_path / "a.nii.gz"), "--json")
+    info = run_cli("info", str(tmp_path / "a.nii.gz"), "--json")
     assert info.exit_code == 0, info.output
     described = json.loads(info.output)
     assert described["shape"] == [4, 4, 4]
@@ -313,7 +294,7 @@ def _bad_spec(tmp_path: Path, text: str) -> Path:
 @pytest.fixture()
 def good(tmp_path):
     layer = Conv3DTranspose(2, 3, strides=2, padding="same")
-    spec = _spec(tmp_path, layer, 1)
+    spec = write_spec(tmp_path, layer, 1)
     np.save(tmp_path / "v.npy", np.ones((4, 4, 4), dtype=np.float32))
     return spec, tmp_path / "v.npy"
 
@@ -333,19 +314,19 @@ def test_bad_inputs(tmp_path, good):
     spec, _volume = good
     out = str(tmp_path / "o.npy")
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "missing.npy"), "--spec", str(spec), "-o", out),
+        run_cli("upsample", str(tmp_path / "missing.npy"), "--spec", str(spec), "-o", out),
         2,
         "missing.npy",
     )
     (tmp_path / "x.tif").write_bytes(b"II*\x00")
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "x.tif"), "--spec", str(spec), "-o", out), 2, "x.tif"
+        run_cli("upsample", str(tmp_path / "x.tif"), "--spec", str(spec), "-o", out), 2, "x.tif"
     )
     np.save(tmp_path / "full.npy", np.ones((8, 8, 8), np.float32))
     data = (tmp_path / "full.npy").read_bytes()
     (tmp_path / "trunc.npy").write_bytes(data[: len(data) // 2])
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "trunc.npy"), "--spec", str(spec), "-o", out),
+        run_cli("upsample", str(tmp_path / "trunc.npy"), "--spec", str(spec), "-o", out),
         2,
         "trunc.npy",
         tmp_path=tmp_path,
@@ -354,28 +335,28 @@ def test_bad_inputs(tmp_path, good):
     gz = (tmp_path / "full.nii.gz").read_bytes()
     (tmp_path / "trunc.nii.gz").write_bytes(gz[: len(gz) // 2])
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "trunc.nii.gz"), "--spec", str(spec), "-o", out),
+        run_cli("upsample", str(tmp_path / "trunc.nii.gz"), "--spec", str(spec), "-o", out),
         2,
         "trunc.nii.gz",
         tmp_path=tmp_path,
     )
     (tmp_path / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "corrupt.h5"), "--spec", str(spec), "-o", out),
+        run_cli("upsample", str(tmp_path / "corrupt.h5"), "--spec", str(spec), "-o", out),
         2,
         "corrupt.h5",
     )
     np.save(tmp_path / "flat.npy", np.ones((4, 4), np.float32))
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", out), 2, "2D"
+        run_cli("upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", out), 2, "2D"
     )
     np.save(tmp_path / "six.npy", np.ones((1, 2, 2, 2, 2, 1), np.float32))
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "six.npy"), "--spec", str(spec), "-o", out), 2, "6D"
+        run_cli("upsample", str(tmp_path / "six.npy"), "--spec", str(spec), "-o", out), 2, "6D"
     )
     np.save(tmp_path / "chan.npy", np.ones((4, 4, 4, 3), np.float32))
     _assert_clean_failure(
-        _run("upsample", str(tmp_path / "chan.npy"), "--spec", str(spec), "-o", out),
+        run_cli("upsample", str(tmp_path / "chan.npy"), "--spec", str(spec), "-o", out),
         2,
         "input channel",
     )
@@ -397,7 +378,7 @@ def test_bad_specs(tmp_path, good):
     for text, needle in cases:
         spec = _bad_spec(tmp_path, text)
         _assert_clean_failure(
-            _run("upsample", str(volume), "--spec", str(spec), "-o", out), 2, "bad.yaml", needle
+            run_cli("upsample", str(volume), "--spec", str(spec), "-o", out), 2, "bad.yaml", needle
         )
 
 
@@ -406,21 +387,21 @@ def test_existing_output_and_unwritable_directory(tmp_path, good):
     target = tmp_path / "exists.npy"
     target.write_bytes(b"keep me")
     _assert_clean_failure(
-        _run("upsample", str(volume), "--spec", str(spec), "-o", str(target)), 2, "exists"
+        run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(target)), 2, "exists"
     )
     assert target.read_bytes() == b"keep me"
     # /proc refuses new files even to root, so this holds whoever runs the tests.
     _assert_clean_failure(
-        _run("upsample", str(volume), "--spec", str(spec), "-o", "/proc/conv3dt-out.npy"),
+        run_cli("upsample", str(volume), "--spec", str(spec), "-o", "/proc/conv3dt-out.npy"),
         2,
         "/proc",
     )
     _assert_clean_failure(
-        _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "no" / "o.npy")),
+        run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "no" / "o.npy")),
         2,
         "no",
     )
-    same = _run("upsample", str(volume), "--spec", str(spec), "-o", str(volume), "--overwrite")
+    same = run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(volume), "--overwrite")
     _assert_clean_failure(same, 2, "input")
 
 
@@ -438,7 +419,7 @@ def test_disk_full_leaves_nothing(tmp_path, good, monkeypatch):
         return real(fd, data, offset)
 
     monkeypatch.setattr(npy_module.os, "pwrite", full)
-    result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
+    result = run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
     _assert_clean_failure(result, 1, "space", tmp_path=tmp_path)
     assert not (tmp_path / "o.npy").exists()
 
@@ -508,10 +489,10 @@ def test_keep_going_reports_failures(tmp_path, good):
     np.save(folder / "b.npy", np.ones((3, 3), np.float32))
     np.save(folder / "c.npy", np.ones((3, 3, 3), np.float32))
     out = tmp_path / "out"
-    stop = _run("upsample", str(folder), "--spec", str(spec), "--output-dir", str(out))
+    stop = run_cli("upsample", str(folder), "--spec", str(spec), "--output-dir", str(out))
     assert stop.exit_code == 2
     assert (out / "a_up.npy").exists() and not (out / "c_up.npy").exists()
-    going = _run(
+    going = run_cli(
         "upsample",
         str(folder),
         "--spec",

@@ -15,9 +15,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
-from click.testing import CliRunner
-from conv3dt_cli.main import main
+from _cli_helpers import run_cli, write_spec
 
 from conv3dt import Conv3DTranspose
 from conv3dt.spec import LayerSpec
@@ -49,23 +47,7 @@ def _save_nifti(path: Path, array: np.ndarray, version: int = 1) -> np.ndarray:
 
 
 def _spec(tmp_path: Path, layer: Conv3DTranspose, in_channels: int) -> Path:
-    rng = np.random.default_rng(7)
-    kernel = rng.uniform(-0.5, 0.5, layer.kernel_shape(in_channels)).astype(np.float32)
-    bias = rng.uniform(-0.2, 0.2, layer.filters).astype(np.float32)
-    np.save(tmp_path / "kernel.npy", kernel)
-    np.save(tmp_path / "bias.npy", bias)
-    layer.set_weights([kernel, bias])
-    spec = {
-        "layer": json.loads(json.dumps(layer.get_config())),
-        "weights": {"kernel": "kernel.npy", "bias": "bias.npy"},
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _run(*args: str) -> object:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return write_spec(tmp_path, layer, in_channels, seed=7)
 
 
 def _world(affine: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -82,7 +64,7 @@ def test_several_filters_make_a_vector_image_read_back_as_channels(tmp_path, suf
     volume = np.random.default_rng(0).standard_normal((6, 5, 4)).astype(np.float32)
     _save_nifti(tmp_path / "in.nii", volume)
     out = tmp_path / f"out{suffix}"
-    result = _run("upsample", str(tmp_path / "in.nii"), "--spec", str(spec), "-o", str(out))
+    result = run_cli("upsample", str(tmp_path / "in.nii"), "--spec", str(spec), "-o", str(out))
     assert result.exit_code == 0, result.output
     expected = np.asarray(layer(volume[None, ..., None])[0])
     image = nib.load(out)
@@ -106,7 +88,9 @@ def test_simpleitk_reads_the_vector_image_as_three_components(tmp_path):
     _save_nifti(tmp_path / "in.nii.gz", volume)
     out = tmp_path / "out.nii.gz"
     assert (
-        _run("upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out)).exit_code
+        run_cli(
+            "upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out)
+        ).exit_code
         == 0
     )
     image = sitk.ReadImage(str(out))
@@ -123,7 +107,7 @@ def test_nifti_channels_volumes_keeps_the_4d_form(tmp_path):
     volume = np.random.default_rng(2).standard_normal((3, 4, 5)).astype(np.float32)
     _save_nifti(tmp_path / "in.nii", volume)
     out = tmp_path / "out.nii"
-    result = _run(
+    result = run_cli(
         "upsample", str(tmp_path / "in.nii"), "--spec", str(spec), "-o", str(out),
         "--nifti-channels", "volumes",
     )  # fmt: skip
@@ -146,7 +130,7 @@ def test_one_filter_stays_3d_and_a_vector_input_reads_as_channels(tmp_path):
     image.header.set_intent("vector")
     nib.save(image, tmp_path / "in.nii.gz")
     out = tmp_path / "out.nii.gz"
-    result = _run("upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out))
+    result = run_cli("upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out))
     assert result.exit_code == 0, result.output
     written = nib.load(out)
     assert written.shape == (8, 6, 4, 1)
@@ -186,7 +170,7 @@ def test_qform_is_valid_and_pixdim_is_the_input_voxel_size_over_the_stride(
     volume = np.random.default_rng(5).standard_normal((5, 4, 3)).astype(np.float32)
     in_affine = _save_nifti(tmp_path / "in.nii.gz", volume, version)
     out = tmp_path / "out.nii.gz"
-    result = _run("upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out))
+    result = run_cli("upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out))
     assert result.exit_code == 0, result.output
     header = nib.load(out).header
     stored = header["pixdim"].dtype.type
@@ -245,7 +229,7 @@ def test_nibabel_qform_of_the_nifti2_example_with_a_batch(tmp_path):
     layer = Conv3DTranspose(1, 3, strides=2, padding="same")
     spec = _spec(tmp_path, layer, 1)
     out = tmp_path / "out.nii.gz"
-    result = _run("upsample", str(source), "--spec", str(spec), "-o", str(out), "--4d-as-batch")
+    result = run_cli("upsample", str(source), "--spec", str(spec), "-o", str(out), "--4d-as-batch")
     assert result.exit_code == 0, result.output
     header = nib.load(out).header
     np.testing.assert_allclose(header.get_qform(), header.get_sform(), atol=1e-5)
@@ -260,7 +244,9 @@ def test_world_coordinates_agree_between_nibabel_and_simpleitk(tmp_path):
     _save_nifti(tmp_path / "in.nii.gz", volume)
     out = tmp_path / "out.nii.gz"
     assert (
-        _run("upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out)).exit_code
+        run_cli(
+            "upsample", str(tmp_path / "in.nii.gz"), "--spec", str(spec), "-o", str(out)
+        ).exit_code
         == 0
     )
     affine = nib.load(out).affine
@@ -286,7 +272,7 @@ def test_hdf5_voxel_size_attributes_are_divided_by_the_stride(tmp_path):
         dataset.attrs["resolution"] = [3.0, 1.0, 0.5]
         dataset.attrs["spacing"] = 7.0  # not a 3-vector: left as it is
     out = tmp_path / "out.h5"
-    result = _run("upsample", str(tmp_path / "in.h5"), "--spec", str(spec), "-o", str(out))
+    result = run_cli("upsample", str(tmp_path / "in.h5"), "--spec", str(spec), "-o", str(out))
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as handle:
         attrs = handle["data"].attrs
@@ -299,7 +285,7 @@ def test_hdf5_voxel_size_attributes_are_divided_by_the_stride(tmp_path):
         )
     with open_volume(str(out)) as reader:
         assert reader.metadata.voxel_size == (0.75, 0.25, 0.125)
-    result = _run("info", "--json", str(tmp_path / "in.h5"))
+    result = run_cli("info", "--json", str(tmp_path / "in.h5"))
     info = json.loads(result.output)
     assert info["voxel_size"] == [1.5, 0.25, 0.25]
     assert info["voxel_size_attrs"]["element_size_um"] == [1.5, 0.25, 0.25]
@@ -319,7 +305,7 @@ def test_info_reports_the_nifti_header(tmp_path):
     image.set_qform(_oblique_affine(), code=1)
     image.set_sform(_oblique_affine(), code=4)
     nib.save(image, tmp_path / "in.nii.gz")
-    result = _run("info", "--json", str(tmp_path / "in.nii.gz"))
+    result = run_cli("info", "--json", str(tmp_path / "in.nii.gz"))
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["axis_labels"] == ["i", "j", "k", "c"]
@@ -337,7 +323,7 @@ def test_info_reports_the_nifti_header(tmp_path):
     assert nifti["intent"]["name"] == "t test"
     assert nifti["intent"]["params"] == [12.0]
     assert nifti["dim_info"] == {"freq": 1, "phase": 0, "slice": 2}
-    text = _run("info", str(tmp_path / "in.nii.gz")).output
+    text = run_cli("info", str(tmp_path / "in.nii.gz")).output
     assert "qform_code: scanner" in text and "axis_labels: [i, j, k, c]" in text
 
 
@@ -347,12 +333,16 @@ def test_inspect_labels_nifti_axes_ijk_and_arrays_zyx(tmp_path):
     _save_nifti(tmp_path / "in.nii", np.zeros((4, 3, 2), dtype=np.float32))
     np.save(tmp_path / "in.npy", np.zeros((4, 3, 2), dtype=np.float32))
     report = json.loads(
-        _run("inspect", "--spec", str(spec), "--input", str(tmp_path / "in.nii"), "--json").output
+        run_cli(
+            "inspect", "--spec", str(spec), "--input", str(tmp_path / "in.nii"), "--json"
+        ).output
     )["plan"]
     assert (report["input_axes"], report["output_axes"]) == ("i j k", "i j k c")
     assert report["voxel_size"] == list(PIXDIM)
     assert report["output_voxel_size"] == [v / 2 for v in PIXDIM]
     report = json.loads(
-        _run("inspect", "--spec", str(spec), "--input", str(tmp_path / "in.npy"), "--json").output
+        run_cli(
+            "inspect", "--spec", str(spec), "--input", str(tmp_path / "in.npy"), "--json"
+        ).output
     )["plan"]
     assert (report["input_axes"], report["output_axes"]) == ("z y x", "z y x c")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from _cli_helpers import run_cli, write_spec
 from click.testing import CliRunner
 from conv3dt_cli.main import main
 
@@ -49,23 +49,7 @@ def _ome(path: Path, array: np.ndarray, axes: str, **options: object) -> None:
 
 
 def _spec(tmp_path: Path, layer: Conv3DTranspose, in_channels: int) -> Path:
-    rng = np.random.default_rng(11)
-    kernel = rng.uniform(-0.5, 0.5, layer.kernel_shape(in_channels)).astype(np.float32)
-    bias = rng.uniform(-0.2, 0.2, layer.filters).astype(np.float32)
-    np.save(tmp_path / "kernel.npy", kernel)
-    np.save(tmp_path / "bias.npy", bias)
-    layer.set_weights([kernel, bias])
-    spec = {
-        "layer": json.loads(json.dumps(layer.get_config())),
-        "weights": {"kernel": "kernel.npy", "bias": "bias.npy"},
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _run(*args: str) -> object:
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return write_spec(tmp_path, layer, in_channels, seed=7)
 
 
 def _zcyx(volume: np.ndarray) -> np.ndarray:
@@ -86,7 +70,7 @@ def test_imagej_stack_to_imagej_hyperstack(tmp_path):
     volume = np.random.default_rng(0).standard_normal((7, 6, 5)).astype(np.float32)
     _imagej(tmp_path / "in.tif", volume, "ZYX")
     out = tmp_path / "out.tif"
-    result = _run("upsample", str(tmp_path / "in.tif"), "--spec", str(spec), "-o", str(out))
+    result = run_cli("upsample", str(tmp_path / "in.tif"), "--spec", str(spec), "-o", str(out))
     assert result.exit_code == 0, result.output
     expected = np.asarray(layer(volume[None, ..., None])[0])
     with tifffile.TiffFile(out) as tiff:
@@ -116,7 +100,7 @@ def test_ome_tiff_with_channels_to_ome_tiff_float64(tmp_path, compression):
     volume = np.random.default_rng(1).standard_normal((5, 6, 7, 2)).astype(np.float32)
     _ome(tmp_path / "in.ome.tif", _zcyx(volume), "ZCYX", compression=compression)
     out = tmp_path / "out.ome.tif"
-    result = _run(
+    result = run_cli(
         "upsample", str(tmp_path / "in.ome.tif"), "--spec", str(spec), "-o", str(out),
         "--output-dtype", "float64",
     )  # fmt: skip
@@ -147,7 +131,7 @@ def test_a_stack_with_a_singleton_time_axis_and_no_calibration(tmp_path):
 def test_info_describes_a_tiff(tmp_path):
     volume = np.zeros((3, 4, 5, 2), dtype=np.float32)
     _imagej(tmp_path / "in.tif", _zcyx(volume), "ZCYX")
-    result = _run("info", "--json", str(tmp_path / "in.tif"))
+    result = run_cli("info", "--json", str(tmp_path / "in.tif"))
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["format"] == "tiff"
@@ -295,7 +279,7 @@ def test_a_nifti_input_gives_its_voxel_size_and_unit_to_a_tiff(tmp_path):
     nib.save(image, tmp_path / "in.nii")
     out = tmp_path / "out.tif"
     assert (
-        _run("upsample", str(tmp_path / "in.nii"), "--spec", str(spec), "-o", str(out)).exit_code
+        run_cli("upsample", str(tmp_path / "in.nii"), "--spec", str(spec), "-o", str(out)).exit_code
         == 0
     )
     with tifffile.TiffFile(out) as tiff:
@@ -318,7 +302,7 @@ def test_a_directory_of_tiffs_with_shards(tmp_path):
         else:
             _imagej(tmp_path / "in" / name, volumes[name], "ZYX")
     for shard in ("0/2", "1/2"):
-        result = _run(
+        result = run_cli(
             "upsample", str(tmp_path / "in"), "--spec", str(spec), "--output-dir",
             str(tmp_path / "out"), "--shard", shard, "-q",
         )  # fmt: skip

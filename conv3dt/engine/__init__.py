@@ -90,6 +90,14 @@ def choose_engine(
     return "numba" if channels * filters <= most else "gemm"
 
 
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(
+            f"The `engine` argument must be one of {', '.join(ENGINES)}. "
+            f"Received: engine={engine!r}"
+        )
+
+
 # The NumPy engine's cost, an upper bound fitted on the benchmark's machine
 # (benchmarks/): about 4 ns per input voxel and kernel tap (its per-tap slices and
 # scatter-adds) plus 2.5 ns per multiply-add (elementwise, channel by channel).
@@ -150,11 +158,7 @@ def resolve_engine(
     ValueError
         On an unknown ``engine``.
     """
-    if engine not in ENGINES:
-        raise ValueError(
-            f"The `engine` argument must be one of {', '.join(ENGINES)}. "
-            f"Received: engine={engine!r}"
-        )
+    _check_engine(engine)
     if engine != "auto":
         return engine
     return engine_for_volume(kernel_shape, strides, dilation, input_voxels)
@@ -214,11 +218,7 @@ def conv_transpose_region(
     ValueError
         On an unknown ``engine`` or ``activation``, or an ``out`` that does not fit.
     """
-    if engine not in ENGINES:
-        raise ValueError(
-            f"The `engine` argument must be one of {', '.join(ENGINES)}. "
-            f"Received: engine={engine!r}"
-        )
+    _check_engine(engine)
     if engine == "auto":
         engine = choose_engine(kernel.shape, strides, dilation)
     dtype = np.dtype(compute_dtype)
