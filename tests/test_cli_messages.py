@@ -9,9 +9,10 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from _cli_helpers import run_cli, write_spec
 from click.testing import CliRunner
 from conv3dt_cli.main import main
-from test_cli import _assert_clean_failure, _run, _spec
+from test_cli import _assert_clean_failure
 
 from conv3dt import Conv3DTranspose
 
@@ -19,7 +20,7 @@ from conv3dt import Conv3DTranspose
 @pytest.fixture()
 def one_channel(tmp_path: Path) -> tuple[Path, Path]:
     """A spec with a kernel for one input channel, and a 3D .npy volume."""
-    spec = _spec(tmp_path, Conv3DTranspose(1, 2, strides=2), 1)
+    spec = write_spec(tmp_path, Conv3DTranspose(1, 2, strides=2), 1)
     volume = tmp_path / "v.npy"
     np.save(volume, np.ones((4, 4, 4), np.float32))
     return spec, volume
@@ -46,7 +47,7 @@ def _spec_text(tmp_path: Path, text: str) -> Path:
 def test_unknown_spec_keys_get_a_suggestion(tmp_path, one_channel, text, suggestion):
     _, volume = one_channel
     spec = _spec_text(tmp_path, text)
-    result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
+    result = run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
     _assert_clean_failure(result, 2, "typo.yaml", suggestion)
 
 
@@ -55,7 +56,7 @@ def test_a_4d_nifti_in_a_batch_names_the_file_and_both_fixes(tmp_path, one_chann
     series = tmp_path / "series.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), series)
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a.nii.gz")
-    result = _run(
+    result = run_cli(
         "upsample",
         str(tmp_path / "a.nii.gz"),
         str(series),
@@ -67,14 +68,14 @@ def test_a_4d_nifti_in_a_batch_names_the_file_and_both_fixes(tmp_path, one_chann
     _assert_clean_failure(
         result, 2, "series.nii.gz: the volume has 2 channel(s)", "--4d-as-batch", "--in-channels 2"
     )
-    inspected = _run("inspect", "--spec", str(spec), "--input", str(series))
+    inspected = run_cli("inspect", "--spec", str(spec), "--input", str(series))
     _assert_clean_failure(inspected, 2, "series.nii.gz:", "--4d-as-batch")
 
 
 def test_a_batch_with_channels_names_the_file_and_init(tmp_path, one_channel):
     spec, _ = one_channel
     np.save(tmp_path / "batch.npy", np.ones((2, 4, 4, 4, 3), np.float32))
-    result = _run(
+    result = run_cli(
         "upsample", str(tmp_path / "batch.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
     )
     _assert_clean_failure(result, 2, "batch.npy: the volume has 3 channel(s)", "--in-channels 3")
@@ -84,7 +85,7 @@ def test_a_batch_with_channels_names_the_file_and_init(tmp_path, one_channel):
 def test_a_volume_of_the_wrong_rank_is_named(tmp_path, one_channel):
     spec, _ = one_channel
     np.save(tmp_path / "flat.npy", np.ones((4, 4), np.float32))
-    result = _run(
+    result = run_cli(
         "upsample", str(tmp_path / "flat.npy"), "--spec", str(spec), "-o", str(tmp_path / "o.npy")
     )
     _assert_clean_failure(result, 2, "flat.npy: expected a 3D volume")
@@ -94,7 +95,7 @@ def test_a_layer_of_a_larger_model_warns_that_only_it_is_applied(tmp_path, caplo
     model = Path(__file__).parent / "fixtures" / "keras" / "functional.keras"
     np.save(tmp_path / "in.npy", np.ones((4, 5, 6, 3), np.float32))
     args = ["--keras-model", str(model), "--layer", "up_cf", "-o", str(tmp_path / "o.npy")]
-    result = _run("upsample", str(tmp_path / "in.npy"), *args)
+    result = run_cli("upsample", str(tmp_path / "in.npy"), *args)
     assert result.exit_code == 0, result.output
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == [
@@ -110,7 +111,7 @@ def _lines(result) -> list[str]:
 def test_an_existing_output_is_one_line_without_usage(tmp_path, one_channel):
     spec, volume = one_channel
     (tmp_path / "o.npy").write_bytes(b"keep")
-    result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
+    result = run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy"))
     assert result.exit_code == 2
     assert _lines(result) == [
         f"conv3dt: error: {tmp_path / 'o.npy'} exists; give --overwrite to replace it "
@@ -120,7 +121,7 @@ def test_an_existing_output_is_one_line_without_usage(tmp_path, one_channel):
 
 def test_command_line_mistakes_use_the_same_style(tmp_path, one_channel):
     spec, volume = one_channel
-    result = _run("upsample", str(volume), "--sped", str(spec), "-o", str(tmp_path / "o.npy"))
+    result = run_cli("upsample", str(volume), "--sped", str(spec), "-o", str(tmp_path / "o.npy"))
     assert result.exit_code == 2
     first, second = _lines(result)
     assert first == (
@@ -134,10 +135,12 @@ def test_command_line_mistakes_use_the_same_style(tmp_path, one_channel):
 def test_engine_choices_are_in_help_and_checked_by_click(tmp_path, one_channel):
     from conv3dt.engine import ENGINES
 
-    shown = _run("upsample", "--help")
+    shown = run_cli("upsample", "--help")
     assert f"--engine [{'|'.join(ENGINES)}]" in shown.output
     spec, volume = one_channel
-    result = _run("upsample", str(volume), "--spec", str(spec), "--engine", "fast", "-o", "o.npy")
+    result = run_cli(
+        "upsample", str(volume), "--spec", str(spec), "--engine", "fast", "-o", "o.npy"
+    )
     _assert_clean_failure(result, 2, "'--engine'", "'fast' is not one of 'auto'")
 
 
@@ -175,13 +178,13 @@ def test_binary_output_to_a_terminal_is_refused(tmp_path, one_channel, monkeypat
 
     monkeypatch.setattr(upsample, "_is_terminal", lambda stream: True)
     spec, volume = one_channel
-    result = _run("upsample", str(volume), "--spec", str(spec), "-o", "-")
+    result = run_cli("upsample", str(volume), "--spec", str(spec), "-o", "-")
     _assert_clean_failure(result, 2, "-o -", "stdout, which is a terminal")
 
 
 def test_an_unknown_output_extension_names_output_format(tmp_path, one_channel):
     spec, volume = one_channel
-    result = _run("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "x.nifti"))
+    result = run_cli("upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "x.nifti"))
     _assert_clean_failure(result, 2, "x.nifti", "--output-format")
 
 
@@ -198,9 +201,9 @@ def test_two_datasets_of_one_file_into_one_name_suggest_a_field(tmp_path, one_ch
     scan = _two_datasets(tmp_path)
     out = tmp_path / "out"
     inputs = [f"{scan}:/t1/raw", f"{scan}:/t2/raw"]
-    result = _run("upsample", *inputs, "--spec", str(spec), "--output-dir", str(out))
+    result = run_cli("upsample", *inputs, "--spec", str(spec), "--output-dir", str(out))
     _assert_clean_failure(result, 2, "scan_up.h5", "--name", "{index}", "{dataset}")
-    named = _run(
+    named = run_cli(
         "upsample", *inputs, "--spec", str(spec), "--output-dir", str(out), "--name", "{dataset}.h5"
     )
     assert named.exit_code == 0, named.output
@@ -212,12 +215,12 @@ def test_a_successful_run_at_a_terminal_ends_with_a_summary(tmp_path, one_channe
 
     spec, volume = one_channel
     args = ["upsample", str(volume), "--spec", str(spec), "-o", str(tmp_path / "o.npy")]
-    piped = _run(*args)
+    piped = run_cli(*args)
     assert piped.exit_code == 0 and "wrote" not in piped.output
     monkeypatch.setattr(upsample, "_is_terminal", lambda stream: True)
-    quiet = _run(*args, "--overwrite", "-q")
+    quiet = run_cli(*args, "--overwrite", "-q")
     assert quiet.exit_code == 0 and "wrote" not in quiet.output
-    shown = _run(*args, "--overwrite")
+    shown = run_cli(*args, "--overwrite")
     assert shown.exit_code == 0
     assert re.fullmatch(r"conv3dt: wrote 1 output in \d+\.\d s", _lines(shown)[-1])
 
@@ -226,6 +229,6 @@ def test_an_unknown_input_extension_names_input_format(tmp_path, one_channel):
     spec, volume = one_channel
     (tmp_path / "v.dat").write_bytes(volume.read_bytes())
     args = [str(tmp_path / "v.dat"), "--spec", str(spec), "--output-dir", str(tmp_path / "out")]
-    _assert_clean_failure(_run("upsample", *args), 2, "v.dat:", "--input-format")
-    both = _run("upsample", *args, "--input-format", "npy", "--output-format", "npy")
+    _assert_clean_failure(run_cli("upsample", *args), 2, "v.dat:", "--input-format")
+    both = run_cli("upsample", *args, "--input-format", "npy", "--output-format", "npy")
     assert both.exit_code == 0, both.output
