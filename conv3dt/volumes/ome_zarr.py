@@ -26,8 +26,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
-import weakref
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -41,8 +39,6 @@ from conv3dt.volumes.base import (
     VolumeError,
     VolumeMetadata,
     VolumeReader,
-    remove_dead_temps,
-    temp_path,
 )
 from conv3dt.volumes.zarr import ZarrWriter, default_chunks, import_zarr, zarr_attrs
 
@@ -720,26 +716,9 @@ class OmeZarrWriter(ZarrWriter):
     def _open(self) -> None:
         _import_zarr3()
         target = os.path.abspath(self.path)
-        directory = os.path.dirname(target)
-        if not os.path.isdir(directory):
-            raise VolumeError(f"cannot write {self.path}: directory {directory} does not exist")
         if os.path.exists(target) and not os.path.isdir(target):
             raise VolumeError(f"cannot write {self.path}: it is a file, not an OME-Zarr directory")
-        remove_dead_temps(target)
-        while True:
-            candidate = temp_path(target)
-            try:
-                os.mkdir(candidate)
-            except FileExistsError:
-                continue
-            except PermissionError:
-                raise VolumeError(
-                    f"cannot write {self.path}: directory {directory} is not writable"
-                ) from None
-            break
-        self._tmp_dir = candidate
-        # Leave nothing behind if the writer is dropped without commit or abort.
-        self._finalizer = weakref.finalize(self, shutil.rmtree, candidate, True)
+        candidate = self._claim_temp_directory()
         self._array = create_ome_zarr(candidate, self.shape, self.dtype, **self._image)[0]
 
     def _finish(self) -> None:

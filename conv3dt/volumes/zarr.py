@@ -398,6 +398,17 @@ class ZarrWriter(VolumeWriter):
 
     def _open(self) -> None:
         import_zarr()
+        candidate = self._claim_temp_directory()
+        self._array = create_zarr_array(
+            candidate, self.shape, self.dtype, chunks=self._chunks, attrs=self._attrs
+        )
+
+    def _claim_temp_directory(self) -> str:
+        """Create this writer's temporary directory beside the target and return it.
+
+        Stale temporaries of the same target whose writer is gone are removed
+        first; the new one is removed if the writer is dropped unfinished.
+        """
         target = os.path.abspath(self.path)
         directory = os.path.dirname(target)
         if not os.path.isdir(directory):
@@ -417,9 +428,7 @@ class ZarrWriter(VolumeWriter):
         self._tmp_dir = candidate
         # Leave nothing behind if the writer is dropped without commit or abort.
         self._finalizer = weakref.finalize(self, shutil.rmtree, candidate, True)
-        self._array = create_zarr_array(
-            candidate, self.shape, self.dtype, chunks=self._chunks, attrs=self._attrs
-        )
+        return candidate
 
     def _write(self, box: Box, array: np.ndarray) -> None:
         if array.size:
