@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import glob
+import importlib
 import operator
 import os
 import secrets
@@ -22,6 +23,7 @@ import shutil
 import socket
 import weakref
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,10 @@ __all__ = [
     "VolumeWriteError",
     "VolumeWriter",
     "box_shape",
+    "close_quietly",
+    "fsync_and_close",
     "fsync_path",
+    "import_optional",
     "is_live_local_temp",
     "normalize_box",
     "pwrite_all",
@@ -642,6 +647,40 @@ def _pread_into(fd: int, buffer: np.ndarray, offset: int) -> None:
             raise EOFError(f"file ends before byte {offset + len(view)}")
         view = view[count:]
         offset += count
+
+
+def import_optional(module: str, volumes: str, hint: str) -> ModuleType:
+    """The optional package ``module`` that ``volumes`` volumes need.
+
+    Raises
+    ------
+    VolumeError
+        When it is not installed; the message gives ``hint``, how to install it.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise VolumeError(
+            f"{volumes} volumes need the {module} package, which is not installed: {hint}"
+        ) from None
+
+
+def fsync_and_close(fd: int) -> None:
+    """Flush ``fd`` to disk and close it (closed even when the flush fails)."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def close_quietly(fd: int | None) -> None:
+    """Close ``fd`` if there is one, ignoring errors: for writers that are given up."""
+    if fd is None:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def fsync_path(path: str) -> None:

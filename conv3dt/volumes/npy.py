@@ -28,6 +28,8 @@ from conv3dt.volumes.base import (
     VolumeWriteError,
     VolumeWriter,
     box_shape,
+    close_quietly,
+    fsync_and_close,
     pwrite_all,
     read_raw_box,
     write_raw_box,
@@ -183,17 +185,12 @@ class NpyWriter(VolumeWriter):
         write_raw_box(self._fd, self._offset, self.shape, self.dtype, box, array)
 
     def _finish(self) -> None:
-        os.fsync(self._fd)
         fd, self._fd = self._fd, None
-        os.close(fd)
+        fsync_and_close(fd)
 
     def _discard(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        fd, self._fd = self._fd, None
+        close_quietly(fd)
 
 
 # Bytes per read when boxes that came out of order are copied to the stream.

@@ -40,7 +40,13 @@ from conv3dt.volumes.base import (
     VolumeMetadata,
     VolumeReader,
 )
-from conv3dt.volumes.zarr import ZarrWriter, default_chunks, import_zarr, zarr_attrs
+from conv3dt.volumes.zarr import (
+    ZarrWriter,
+    default_chunks,
+    import_zarr,
+    read_array_box,
+    zarr_attrs,
+)
 
 __all__ = [
     "NGFF_VERSIONS",
@@ -356,13 +362,7 @@ class OmeZarrReader(VolumeReader):
         )
 
     def _read(self, box: Box) -> np.ndarray:
-        shape = tuple(s.stop - s.start for s in box)
-        if 0 in shape:
-            return np.empty(shape, dtype=self.dtype)
-        try:
-            return np.asarray(self._array[box])
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise VolumeError(f"{self.path}: cannot read box {box}: {exc}") from None
+        return read_array_box(self._array, self.path, box, self.dtype)
 
     def _close(self) -> None:
         self._array = None

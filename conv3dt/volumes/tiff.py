@@ -41,6 +41,9 @@ from conv3dt.volumes.base import (
     VolumeReader,
     VolumeWriter,
     box_shape,
+    close_quietly,
+    fsync_and_close,
+    import_optional,
     read_raw_box,
     write_raw_box,
 )
@@ -87,13 +90,7 @@ def import_tifffile() -> ModuleType:
     VolumeError
         When it is not installed; the message says how to install it.
     """
-    try:
-        import tifffile
-    except ImportError:
-        raise VolumeError(
-            f"TIFF volumes need the tifffile package, which is not installed: {INSTALL_HINT}"
-        ) from None
-    return tifffile
+    return import_optional("tifffile", "TIFF", INSTALL_HINT)
 
 
 def is_ome_path(path: str) -> bool:
@@ -465,15 +462,8 @@ class TiffWriter(VolumeWriter):
 
     def _finish(self) -> None:
         fd, self._fd = self._fd, None
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_and_close(fd)
 
     def _discard(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        fd, self._fd = self._fd, None
+        close_quietly(fd)

@@ -37,6 +37,7 @@ from conv3dt.volumes.base import (
     VolumeMetadata,
     VolumeReader,
     VolumeWriter,
+    import_optional,
     remove_dead_temps,
     temp_path,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "import_zarr",
     "is_zarr_store",
     "open_zarr_array",
+    "read_array_box",
     "replace_directory",
     "zarr_attrs",
 ]
@@ -64,6 +66,17 @@ INSTALL_HINT = "pip install 'conv3dt[dask]' (or pip install zarr)"
 _DEFAULT_CHUNK = 64
 
 
+def read_array_box(array: Any, path: str, box: Box, dtype: np.dtype) -> np.ndarray:
+    """``array[box]`` of an open Zarr array, as NumPy; read errors name ``path``."""
+    shape = tuple(s.stop - s.start for s in box)
+    if 0 in shape:
+        return np.empty(shape, dtype=dtype)
+    try:
+        return np.asarray(array[box])
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise VolumeError(f"{path}: cannot read box {box}: {exc}") from None
+
+
 def import_zarr() -> ModuleType:
     """The ``zarr`` package.
 
@@ -72,13 +85,7 @@ def import_zarr() -> ModuleType:
     VolumeError
         When it is not installed; the message says how to install it.
     """
-    try:
-        import zarr
-    except ImportError:
-        raise VolumeError(
-            f"Zarr volumes need the zarr package, which is not installed: {INSTALL_HINT}"
-        ) from None
-    return zarr
+    return import_optional("zarr", "Zarr", INSTALL_HINT)
 
 
 def default_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -358,13 +365,7 @@ class ZarrReader(VolumeReader):
         )
 
     def _read(self, box: Box) -> np.ndarray:
-        shape = tuple(s.stop - s.start for s in box)
-        if 0 in shape:
-            return np.empty(shape, dtype=self.dtype)
-        try:
-            return np.asarray(self._array[box])
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise VolumeError(f"{self.path}: cannot read box {box}: {exc}") from None
+        return read_array_box(self._array, self.path, box, self.dtype)
 
     def _close(self) -> None:
         self._array = None
