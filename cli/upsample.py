@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import click
@@ -120,6 +120,7 @@ def run_upsample(
     weight files.
     """
     from conv3dt.batch import expand_inputs, output_exists, plan_jobs
+    from conv3dt.commit import Committer
     from conv3dt.plan import parse_memory
     from conv3dt.run import upsample_file
 
@@ -205,8 +206,31 @@ def run_upsample(
     set_threads(threads)
     files_bar, voxel_bar = _progress_bars(show, len(todo))
     failures: list[tuple[str, BaseException]] = []
-    with _sigterm_as_interrupt():
-        for job in todo:
+    results: dict[int, Any] = {}
+
+    def settled(index: int, error: BaseException | None) -> None:
+        # A file is reported once its output is complete (committed), in order.
+        job = todo[index]
+        if error is not None:
+            if not keep_going:
+                raise error
+            errors.report(error, debug)
+            failures.append((job.input, error))
+            return
+        result = results.pop(index, None)
+        if files_bar is not None:
+            files_bar.update(1)
+        if result is None:  # stopped between handing the output over and returning
+            return
+        if as_json:
+            click.echo(json.dumps(result.as_json()))
+        log.info("%s: %.2f s, %.3g voxels/s", job.output, result.seconds, result.voxels_per_second)
+
+    # In a batch each output is made durable and renamed while the next file is
+    # read and computed; a single file is finished before upsample_file returns.
+    committer = Committer(settled) if len(todo) > 1 else None
+    with _sigterm_as_interrupt(), committer or nullcontext():
+        for index, job in enumerate(todo):
             bar = voxel_bar(job.input)
 
             def progress(done: int, total: int, bar: Any = bar) -> None:
@@ -234,6 +258,8 @@ def run_upsample(
                     nifti_channels=nifti_channels,
                     level=level,
                     pyramid=pyramid,
+                    committer=committer,
+                    commit_key=index,
                 )
             except KeyboardInterrupt:
                 raise
@@ -248,13 +274,9 @@ def run_upsample(
             finally:
                 if bar is not None:
                     bar.close()
-            if files_bar is not None:
-                files_bar.update(1)
-            if as_json:
-                click.echo(json.dumps(result.as_json()))
-            log.info(
-                "%s: %.2f s, %.3g voxels/s", job.output, result.seconds, result.voxels_per_second
-            )
+            results[index] = result
+            if committer is None:
+                settled(index, None)
     if files_bar is not None:
         files_bar.close()
     return _finish(_summary(failures, len(todo)), len(todo), len(jobs), started, show)

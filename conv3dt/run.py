@@ -27,6 +27,7 @@ import numpy as np
 
 from conv3dt import __version__, activations, interrupt
 from conv3dt.boundary import axis_pads
+from conv3dt.commit import Committer
 from conv3dt.dtypes import accumulation_dtype, numpy_dtype
 from conv3dt.engine import FUSED_ACTIVATIONS, conv_transpose_region, resolve_engine
 from conv3dt.geometry import AxisGeometry
@@ -733,6 +734,22 @@ def input_storage(reader: VolumeReader) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def _finished_by(writer: Any, committer: Committer | None) -> Iterator[None]:
+    """The writer's block: on an error it is aborted, unless ``committer`` took it over.
+
+    A writer handed to the committer is committed (or aborted by its own
+    failing commit) on the committer's thread; aborting it here as well would
+    race that commit.
+    """
+    try:
+        yield
+    except BaseException:
+        if committer is None or not committer.owns(writer):
+            writer.abort()
+        raise
+
+
 def upsample_file(
     spec: LayerSpec,
     input_path: str,
@@ -751,6 +768,8 @@ def upsample_file(
     nifti_channels: str = "vector",
     level: int | None = None,
     pyramid: int = 0,
+    committer: Committer | None = None,
+    commit_key: Any = None,
 ) -> RunResult:
     """Apply the spec's layer to one volume file and write the result atomically.
 
@@ -792,10 +811,21 @@ def upsample_file(
         The level of an OME-Zarr input to read (default 0).
     pyramid : int
         Downsampled levels an OME-Zarr output gets after level 0.
+    committer : Committer, optional
+        Finish the output (``fsync``, rename) on the committer's background
+        thread, so that the caller can start its next file meanwhile (batches).
+        The output is then complete only once the committer reports it settled,
+        under ``commit_key``; until then ``overwrite=False`` conflicts and
+        write errors of the finish are the committer's to report. Without it
+        (and always for ``-``) the output is complete when this returns.
+    commit_key : object, optional
+        What the committer reports the commit's outcome with.
 
     Returns
     -------
     RunResult
+        ``seconds`` counts until the output was handed to ``committer`` when
+        one is given.
     """
     started = time.perf_counter()
     layer = spec.layer
@@ -843,7 +873,7 @@ def upsample_file(
         # A tile is computed while the one before it is written.
         buffers = TileBuffers(2)
         overflowed = 0  # finite values too large for a float16 output
-        with writer, ThreadPoolExecutor(max_workers=2) as pool:
+        with _finished_by(writer, committer), ThreadPoolExecutor(max_workers=2) as pool:
             # The batch outermost: a NIfTI 4th axis is the slowest on disk.
             jobs = [(b, tile) for b in range(in_layout.batch) for tile in plan]
 
@@ -883,7 +913,10 @@ def upsample_file(
             interrupt.check()
             # A damaged .nii.gz shows only at its end: nothing is kept from it.
             source.verify()
-            writer.commit()
+            if committer is None or output_path == "-":
+                writer.commit()
+            else:
+                committer.commit(writer, commit_key)
         if overflowed:
             log.warning(
                 "%s: %d voxels exceeded float16's range (±65504) and were stored as inf",
