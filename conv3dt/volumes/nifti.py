@@ -11,7 +11,6 @@ plane before it is complete. Headers are built with nibabel.
 
 from __future__ import annotations
 
-import gzip
 import io
 import itertools
 import json
@@ -19,7 +18,6 @@ import math
 import os
 import sys
 import tempfile
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +28,7 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
 from conv3dt import interrupt
+from conv3dt.volumes import gzip_codec
 from conv3dt.volumes.affine import voxel_sizes
 from conv3dt.volumes.base import (
     Box,
@@ -48,8 +47,6 @@ __all__ = ["NIFTI_DTYPES", "NiftiReader", "NiftiWriter", "header_summary", "int_
 NIFTI_DTYPES = tuple(np.dtype(t) for t in ("float32", "float64", "int16", "uint8"))
 _NIFTI1_MAX_DIM = 32767
 _NATIVE = "<" if sys.byteorder == "little" else ">"
-# nibabel's own default for .nii.gz: fast, and voxel data compresses little more at 9.
-_GZIP_LEVEL = 1
 # Default bounds of what a .nii.gz reader keeps per volume and a writer buffers;
 # conv3dt.run sets them from the tile plan.
 _DEFAULT_WINDOW = 256 << 20
@@ -58,7 +55,7 @@ _DEFAULT_BUFFER = 256 << 20
 # again: a few milliseconds of I/O, so an interrupted run stops promptly.
 _WRITE_BYTES = 8 << 20
 _WRITE_RUNS = 4096
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, *gzip_codec.ERRORS)
 
 
 class NiftiReader(VolumeReader):
@@ -194,7 +191,7 @@ class NiftiReader(VolumeReader):
                     _Inflater(fd).drain()
                 finally:
                     os.close(fd)
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, EOFError, *gzip_codec.ERRORS) as exc:
             raise VolumeError(
                 f"{self.path}: damaged gzip stream ({exc}); the file is corrupt or truncated"
             ) from None
@@ -522,9 +519,12 @@ class NiftiWriter(VolumeWriter):
         fd, self._fd = self._fd, None
         raw = open(fd, "wb")
         self._sink = raw
-        if self._compressed:
-            self._sink = gzip.GzipFile(os.path.basename(self.path), "wb", _GZIP_LEVEL, raw)
         self._raw = raw
+        if self._compressed:
+            # Compressed on a few threads in blocks, written in order as one gzip
+            # member; the name in its header is the file's without ".gz", as gzip's.
+            name = os.path.basename(self.path)
+            self._sink = gzip_codec.GzipBlockWriter(raw, name=name[: -len(".gz")])
         self._sink.write(_header_bytes(self._header))
 
     def _set_scaling(self, lo: float, hi: float) -> None:
@@ -721,13 +721,17 @@ class NiftiWriter(VolumeWriter):
         while self._next < len(self._filled):
             interrupt.check()
             self._emit(self._next)
-        sink, self._sink = self._sink, None
+        if self._sink is not self._raw:
+            # The last blocks and the gzip trailer; the file stays open. On an
+            # error the writer has stopped its threads and _discard closes the file.
+            self._sink.close()
+        self._sink = None
         raw, self._raw = self._raw, None
-        if sink is not raw:
-            sink.close()  # the gzip trailer; the file stays open
-        raw.flush()
-        os.fsync(raw.fileno())
-        raw.close()
+        try:
+            raw.flush()
+            os.fsync(raw.fileno())
+        finally:
+            raw.close()
         self._close_scratch()
 
     def _close_scratch(self) -> None:
@@ -739,12 +743,14 @@ class NiftiWriter(VolumeWriter):
         self._planes.clear()
         sink, self._sink = self._sink, None
         raw, self._raw = self._raw, None
-        for handle in (sink, raw):
-            if handle is not None:
-                try:
-                    handle.close()
-                except (OSError, ValueError):
-                    pass
+        if isinstance(sink, gzip_codec.GzipBlockWriter):
+            # Drop the blocks in flight and end the compression threads.
+            sink.abort()
+        if raw is not None:
+            try:
+                raw.close()
+            except (OSError, ValueError):
+                pass
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -779,7 +785,7 @@ class _Inflater:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._offset = 0  # compressed bytes consumed from the file
-        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._zlib = gzip_codec.decompressobj()
         self._tail = b""  # compressed bytes read but not yet decompressed
         self.position = 0  # uncompressed bytes produced so far
 
@@ -806,7 +812,7 @@ class _Inflater:
                 rest += more
             if rest[:2] != _GZIP_MAGIC:
                 raise EOFError("the compressed data ends early")
-            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._zlib = gzip_codec.decompressobj()
             self._tail = rest
         if not self._tail:
             self._tail = self._pread()
@@ -875,7 +881,7 @@ class _Inflater:
                 rest = (rest + more).lstrip(b"\0")
             if rest[:2] != _GZIP_MAGIC:
                 raise EOFError("data that is not gzip follows the compressed stream")
-            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self._zlib = gzip_codec.decompressobj()
             self._tail = rest
 
 

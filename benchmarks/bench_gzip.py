@@ -1,0 +1,278 @@
+"""Gzip benchmark: the compression libraries a ``.nii.gz`` output can go through.
+
+Compresses and decompresses the same bytes with the standard library's zlib,
+python-isal (ISA-L) and python-zlib-ng at their fastest levels, each on one
+thread and on two (independent 8 MiB blocks compressed on a thread pool and
+joined into one gzip member, as :mod:`conv3dt.volumes.gzip_codec` does, plus
+the libraries' own threaded writers for reference), and prints MB/s of
+uncompressed data, the compressed size as a percentage of the input, and
+decompression MB/s through ``decompressobj`` in 256 KiB pieces (as the NIfTI
+reader decompresses).
+
+Data
+----
+mni2x
+    The MNI152 2009a template (197x233x189 uint8, from nilearn's wheel: pass
+    ``--mni`` or have nilearn installed) upsampled 2x per axis as a trained
+    layer would (linear interpolation, then a scale and bias that are not
+    powers of two, so every float32 mantissa is used): 394x466x378 float32,
+    277 MB, in NIfTI's (Fortran) order.
+smooth
+    A smooth float32 field of 320^3 x 2 channels (262 MB, the issue's
+    160^3 -> 320^3 x 2 job's output size) with a little noise.
+
+Usage::
+
+    python benchmarks/bench_gzip.py [--mni PATH] [--data mni2x,smooth] [--repeat 3]
+
+Each timing is the best of ``--repeat`` runs; the machine may be shared, so
+compare rows of one run, not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gzip
+import importlib
+import io
+import os
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+MB = 1e6
+BLOCK = 8 << 20
+MNI_MEMBER = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def _mni_path(given: str | None) -> Path | None:
+    if given:
+        return Path(given)
+    try:
+        nilearn = importlib.import_module("nilearn")
+    except ImportError:
+        return None
+    path = Path(nilearn.__file__).parent / "datasets/data" / Path(MNI_MEMBER).name
+    return path if path.exists() else None
+
+
+def _upsample2x(volume: np.ndarray) -> np.ndarray:
+    """Linear 2x upsampling per axis (even outputs copy, odd ones average neighbours)."""
+    out = volume.astype(np.float32)
+    for axis in range(3):
+        n = out.shape[axis]
+        shape = list(out.shape)
+        shape[axis] = 2 * n
+        up = np.empty(shape, dtype=np.float32)
+        even = [slice(None)] * 3
+        odd = [slice(None)] * 3
+        even[axis] = slice(0, None, 2)
+        odd[axis] = slice(1, None, 2)
+        up[tuple(even)] = out
+        nxt = np.concatenate([out.take(range(1, n), axis), out.take([n - 1], axis)], axis)
+        up[tuple(odd)] = (out + nxt) * np.float32(0.5)
+        out = up
+    return out
+
+
+def data_mni2x(path: Path) -> bytes:
+    import nibabel as nib
+
+    volume = np.asarray(nib.load(str(path)).dataobj)
+    up = _upsample2x(volume) * np.float32(0.0123457) + np.float32(0.0314159)
+    return np.asfortranarray(up).tobytes(order="F")
+
+
+def data_smooth() -> bytes:
+    n = 320
+    rng = np.random.default_rng(0)
+    i = np.arange(n, dtype=np.float32)
+    a = np.sin(i / 7.3)[:, None, None] * np.cos(i / 11.9)[None, :, None]
+    channels = []
+    for c in range(2):
+        field = a * np.sin(i / (5.1 + c))[None, None, :]
+        field += rng.normal(0, 0.01, field.shape).astype(np.float32)
+        channels.append(field)
+    return np.stack(channels, axis=-1).astype(np.float32).tobytes(order="F")
+
+
+# -- compressors ---------------------------------------------------------------
+
+
+def _member(deflate: bytes, crc: int, size: int) -> bytes:
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    return header + deflate + struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+
+
+def one_thread(module: object, level: int) -> Callable[[bytes], bytes]:
+    def run(data: bytes) -> bytes:
+        c = module.compressobj(level, module.DEFLATED, -15)
+        body = c.compress(data) + c.flush()
+        return _member(body, module.crc32(data), len(data))
+
+    return run
+
+
+def _crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    from conv3dt.volumes.gzip_codec import crc32_combine
+
+    return crc32_combine(crc1, crc2, length2)
+
+
+def blocks(module: object, level: int, threads: int) -> Callable[[bytes], bytes]:
+    """pigz's scheme: 8 MiB blocks, each primed with the previous 32 KiB, sync-flushed."""
+
+    def block(view: memoryview, start: int, last: bool) -> tuple[bytes, int, int]:
+        piece = view[start : start + BLOCK]
+        if start:
+            c = module.compressobj(level, module.DEFLATED, -15, 9, 0, view[start - 32768 : start])
+        else:
+            c = module.compressobj(level, module.DEFLATED, -15)
+        body = c.compress(piece) + c.flush(module.Z_FINISH if last else module.Z_SYNC_FLUSH)
+        return body, module.crc32(piece), len(piece)
+
+    def run(data: bytes) -> bytes:
+        view = memoryview(data)
+        starts = range(0, len(data), BLOCK)
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda s: block(view, s, s + BLOCK >= len(data)), starts))
+        crc = 0
+        combine = getattr(module, "crc32_combine", None) or _crc32_combine
+        for _, c, n in parts:
+            crc = combine(crc, c, n)
+        return _member(b"".join(p for p, _, _ in parts), crc, len(data))
+
+    return run
+
+
+def library_writer(open_: Callable[..., object], level: int, threads: int) -> Callable:
+    def run(data: bytes) -> bytes:
+        buffer = io.BytesIO()
+        with open_(buffer, "wb", level, threads=threads, block_size=BLOCK) as f:
+            f.write(data)
+        return buffer.getvalue()
+
+    return run
+
+
+def inflate(module: object) -> Callable[[bytes], int]:
+    """Decompress in 64 KiB of input and at most 256 KiB of output a call, as NiftiReader."""
+
+    def run(compressed: bytes) -> int:
+        d = module.decompressobj(16 + 15)
+        view = memoryview(compressed)
+        produced = 0
+        offset = 0
+        tail: bytes | memoryview = b""
+        while not d.eof:
+            if not tail:
+                tail = view[offset : offset + (64 << 10)]
+                offset += len(tail)
+                if not tail:
+                    raise EOFError
+            produced += len(d.decompress(tail, 256 << 10))
+            tail = d.unconsumed_tail
+        return produced
+
+    return run
+
+
+def best(function: Callable, argument: object, repeat: int) -> tuple[float, object]:
+    times = []
+    result = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = function(argument)
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def candidates() -> list[tuple[str, Callable, Callable | None]]:
+    rows: list[tuple[str, Callable, Callable | None]] = [
+        ("zlib 1 (stdlib), 1 thread", one_thread(zlib, 1), inflate(zlib)),
+        ("zlib 1 (stdlib), 2 threads, blocks", blocks(zlib, 1, 2), None),
+    ]
+    try:
+        from isal import igzip_threaded, isal_zlib
+
+        rows += [
+            ("isal 0, 1 thread", one_thread(isal_zlib, 0), inflate(isal_zlib)),
+            ("isal 1, 1 thread", one_thread(isal_zlib, 1), None),
+            ("isal 0, 2 threads, blocks", blocks(isal_zlib, 0, 2), None),
+            ("isal 1, 2 threads, blocks", blocks(isal_zlib, 1, 2), None),
+            ("isal 1, igzip_threaded 2", library_writer(igzip_threaded.open, 1, 2), None),
+        ]
+    except ImportError:
+        print("python-isal not installed: its rows are skipped", file=sys.stderr)
+    try:
+        from zlib_ng import gzip_ng_threaded, zlib_ng
+
+        rows += [
+            ("zlib-ng 1, 1 thread", one_thread(zlib_ng, 1), inflate(zlib_ng)),
+            ("zlib-ng 1, 2 threads, blocks", blocks(zlib_ng, 1, 2), None),
+            ("zlib-ng 1, gzip_ng_threaded 2", library_writer(gzip_ng_threaded.open, 1, 2), None),
+        ]
+    except ImportError:
+        print("python-zlib-ng not installed: its rows are skipped", file=sys.stderr)
+    try:
+        from conv3dt.volumes import gzip_codec
+
+        def codec(data: bytes) -> bytes:
+            buffer = io.BytesIO()
+            with gzip_codec.GzipBlockWriter(buffer) as writer:
+                writer.write(data)
+            return buffer.getvalue()
+
+        rows.append((f"conv3dt GzipBlockWriter ({gzip_codec.describe()})", codec, None))
+    except (ImportError, AttributeError):
+        pass
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mni", help="path of mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    parser.add_argument("--data", default="mni2x,smooth")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    sets = []
+    for name in args.data.split(","):
+        if name == "mni2x":
+            path = _mni_path(args.mni)
+            if path is None:
+                print("mni2x skipped: pass --mni or install nilearn", file=sys.stderr)
+                continue
+            sets.append((name, data_mni2x(path)))
+        elif name == "smooth":
+            sets.append((name, data_smooth()))
+        else:
+            parser.error(f"unknown data set {name!r}")
+    print(f"cores: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}")
+    for name, data in sets:
+        print(f"\n{name}: {len(data) / MB:.0f} MB, best of {args.repeat}")
+        print(f"{'candidate':48s} {'compress MB/s':>13s} {'size %':>7s} {'inflate MB/s':>12s}")
+        for label, compress, decompress in candidates():
+            seconds, compressed = best(compress, data, args.repeat)
+            # Every output must be a gzip file the standard library reads back.
+            assert gzip.decompress(compressed) == data, label
+            inflate_text = ""
+            if decompress is not None:
+                inflate_seconds, produced = best(decompress, compressed, args.repeat)
+                assert produced == len(data), label
+                inflate_text = f"{len(data) / MB / inflate_seconds:12.0f}"
+            ratio = 100 * len(compressed) / len(data)
+            print(
+                f"{label:48s} {len(data) / MB / seconds:13.0f} {ratio:7.1f} {inflate_text}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
