@@ -142,6 +142,9 @@ class Plan:
         The part of ``peak_bytes`` for the decoded input chunks one tile's
         input box meets (compressed chunks are decoded whole): a reader
         caching that much decodes every chunk once.
+    out_compress_bytes : int
+        The part of ``peak_bytes`` a ``.nii.gz`` writer's compression threads
+        hold: the block being filled and the blocks in flight.
     """
 
     axes: tuple[AxisGeometry, AxisGeometry, AxisGeometry]
@@ -154,6 +157,7 @@ class Plan:
     in_window_bytes: int = 0
     out_window_bytes: int = 0
     in_chunk_cache_bytes: int = 0
+    out_compress_bytes: int = 0
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -267,6 +271,7 @@ class _Costs:
     activation_boxes: int
     in_chunks: tuple[int, ...] | None = None
     chunk_in: int = 0
+    compress_out: int = 0  # bytes, not per voxel: the compressor's blocks in flight
 
     def chunk_cache(self, axes: Sequence[AxisGeometry], tile: Sequence[int]) -> int:
         """Bytes of the whole decoded input chunks one tile's input box can meet."""
@@ -306,6 +311,7 @@ class _Costs:
             + out_voxels * self.filters * self.work * (_OUTPUT_BOXES + self.activation_boxes)
             + sum(self.windows(axes, tile))
             + self.chunk_cache(axes, tile)
+            + self.compress_out
             + ENGINE_WORKSPACE_BYTES
         )
 
@@ -333,6 +339,13 @@ def _output_chunks(
         else:
             chunk[axis] = _largest_divisor_at_most(tile[axis], chunk[axis] // 2)
     return tuple(chunk)  # type: ignore[return-value]
+
+
+def _compressor_bytes() -> int:
+    """What a streamed (``.nii.gz``) output's compressor holds besides its window of planes."""
+    from conv3dt.volumes.gzip_codec import writer_memory_bytes
+
+    return writer_memory_bytes()
 
 
 def plan_tiles(
@@ -384,7 +397,8 @@ def plan_tiles(
     stream_in_bytes, stream_out_bytes : int
         Bytes per voxel (all channels) that a streaming reader or writer keeps
         in whole planes across the non-outermost axes (a ``.nii.gz``); 0 for
-        formats with random access.
+        formats with random access. A streaming writer's compressor adds its
+        blocks in flight (:attr:`Plan.out_compress_bytes`).
     in_chunk_bytes : int
         Bytes per spatial voxel of a decoded ``in_chunks`` chunk (all the
         channels and volumes it holds) when reads decode whole chunks
@@ -430,6 +444,7 @@ def plan_tiles(
         activation_boxes=activation_boxes,
         in_chunks=None if in_chunks is None else tuple(int(c) for c in in_chunks),
         chunk_in=in_chunk_bytes,
+        compress_out=_compressor_bytes() if stream_out_bytes else 0,
     )
     out_shape = [g.output_length for g in axes]
     if tile_shape is not None:
@@ -496,4 +511,5 @@ def plan_tiles(
         in_window_bytes=in_window,
         out_window_bytes=out_window,
         in_chunk_cache_bytes=costs.chunk_cache(axes, tile),
+        out_compress_bytes=costs.compress_out,
     )

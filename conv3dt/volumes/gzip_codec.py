@@ -248,7 +248,8 @@ class GzipBlockWriter:
         self._threads = _workers(threads)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
-        self._block = bytearray()
+        self._block: bytearray | None = None
+        self._filled = 0  # bytes of the block written so far
         self._dictionary = b""
         self._crc = 0
         self._size = 0
@@ -261,21 +262,32 @@ class GzipBlockWriter:
         return self._threads
 
     def write(self, data: Any) -> int:
-        """Append bytes (anything exposing the buffer protocol); returns their count."""
+        """Append bytes (anything exposing the buffer protocol); returns their count.
+
+        The bytes are copied, so the caller may reuse its buffer at once.
+        """
         if self._closed:
             raise ValueError("write to a closed GzipBlockWriter")
         view = memoryview(data).cast("B")
         count = len(view)
         while len(view):
-            room = self._block_size - len(self._block)
-            self._block += view[:room]
-            view = view[room:]
-            if len(self._block) == self._block_size:
+            if self._block is None:
+                # A new buffer per block: the previous one is being compressed.
+                self._block = bytearray(self._block_size)
+            room = self._block_size - self._filled
+            take = min(room, len(view))
+            self._block[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self._block_size:
                 self._submit(last=False)
         return count
 
     def _submit(self, last: bool) -> None:
-        block, self._block = self._block, bytearray()
+        block = self._block if self._block is not None else bytearray()
+        if self._filled < len(block):
+            del block[self._filled :]  # the last block, shorter
+        self._block, self._filled = None, 0
         dictionary = self._dictionary
         self._dictionary = bytes(block[-_DICTIONARY:])
         if self._pool is None:
@@ -317,7 +329,7 @@ class GzipBlockWriter:
         for future in self._pending:
             future.cancel()
         self._pending.clear()
-        self._block = bytearray()
+        self._block, self._filled = None, 0
         self._shutdown()
 
     def _shutdown(self) -> None:

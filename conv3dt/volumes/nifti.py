@@ -661,7 +661,10 @@ class NiftiWriter(VolumeWriter):
         held = self._planes.get(plane)
         if held is None and plane not in self._spilled:
             if (len(self._planes) + 1) * self._plane_bytes <= self.buffer_limit:
-                held = self._planes[plane] = np.zeros(
+                # Zeros where the box leaves part of the plane unwritten (voxels
+                # never written are 0); a box spanning the plane fills it whole.
+                whole = box_shape(inner) == self._plane_shape
+                held = self._planes[plane] = (np.empty if whole else np.zeros)(
                     self._plane_shape, dtype=self._file_dtype, order="F"
                 )
             else:
