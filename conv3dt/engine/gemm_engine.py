@@ -58,6 +58,13 @@ _ALIGN = 64
 # A group's GEMM is split by last-axis offset when the operand's row per offset
 # is at least this many times the result's row (gathering less beats summing more).
 _SPLIT_RATIO = 4
+# A split product multiplies the operand once by all its parts' weights side by
+# side when the result's row stays this narrow: one (R, k) @ (k, parts * n)
+# GEMM instead of one per part. Small results (n of 16 to 32 on the benchmark's
+# workloads) keep the BLAS's register tiles far from full, and a wider one ran
+# 15-25 % faster than the parts apart, which outweighs the one extra block each
+# task then multiplies (see _Job).
+_WIDE_COLUMNS = 128
 
 
 def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
@@ -126,6 +133,15 @@ class _Job:
     ``extra`` points before each line along the last axis. Part ``j``
     multiplies the operand's rows shifted by ``windows[j]`` with
     ``weights[j]``; the parts are summed in order.
+
+    A ``wide`` job multiplies the operand's rows unshifted, once, by all parts'
+    weights side by side (``weights[0]``, part ``j`` in columns ``j * n`` to
+    ``(j + 1) * n``), and shifts the result's rows instead: output row ``s`` is
+    the sum over ``j`` of part ``j`` of result row ``s + windows[j] - extra``.
+    Each result row is still the product of one operand row at its own position
+    in a block of ``rows`` (``extra <= rows``), and a task computes, besides
+    its own blocks, the block before them, which its first rows' earlier parts
+    come from.
     """
 
     weights: np.ndarray
@@ -136,6 +152,7 @@ class _Job:
     phase_table: np.ndarray
     rows: int
     blocks: int
+    wide: bool = False
 
 
 def _job(kernel: np.ndarray, group: PhaseGroup, table: np.ndarray, itemsize: int) -> _Job:
@@ -166,10 +183,22 @@ def _job(kernel: np.ndarray, group: PhaseGroup, table: np.ndarray, itemsize: int
         windows = (0,)
         width = k
     rows, blocks = block_rows(k, n, itemsize)
+    parts = len(windows)
+    # The wide product's parts are read back through one strided view (see
+    # multiply in conv_transpose_region_gemm): their windows must step evenly.
+    wide = (
+        parts > 1
+        and parts * n <= _WIDE_COLUMNS
+        and extra <= rows
+        and len(set(np.diff(windows).tolist())) == 1
+    )
+    if wide:
+        weights = np.concatenate(list(weights), axis=1)[np.newaxis]
+        rows, blocks = block_rows(k, parts * n, itemsize)
     aligned = _aligned_empty(weights.shape, weights.dtype)
     aligned[...] = weights
     offsets = np.array(list(taps), dtype=np.int64)
-    return _Job(aligned, offsets, windows, extra, width, table, rows, blocks)
+    return _Job(aligned, offsets, windows, extra, width, table, rows, blocks, wide)
 
 
 def _phase_table(group: PhaseGroup, grids: Sequence[AxisGrid]) -> np.ndarray | None:
@@ -392,6 +421,18 @@ def conv_transpose_region_gemm(
         for t in counter:
             index, first, count = tasks[t]
             job, stream = jobs[index], streams[index]
+            if job.wide:
+                if index not in buffers:
+                    columns = job.weights.shape[2]
+                    buffers[index] = (
+                        _aligned_empty(((job.blocks + 1) * job.rows, job.width), compute_dtype),
+                        _aligned_empty(((job.blocks + 1) * job.rows, columns), compute_dtype),
+                        _aligned_empty(
+                            (job.blocks * job.rows, columns // len(job.windows)), compute_dtype
+                        ),
+                    )
+                multiply_wide(job, stream, first, count, *buffers[index])
+                continue
             parts, k, n = job.weights.shape
             rows = job.rows
             if index not in buffers:
@@ -430,6 +471,44 @@ def conv_transpose_region_gemm(
                 *post,
                 out,
             )
+
+    def multiply_wide(
+        job: _Job,
+        stream: _Stream,
+        first: int,
+        count: int,
+        a: np.ndarray,
+        g: np.ndarray,
+        total: np.ndarray,
+    ) -> None:
+        """A wide job's task (see :class:`_Job`): blocks ``first - 1 .. first + count - 1``."""
+        _, k, columns = job.weights.shape
+        parts, rows = len(job.windows), job.rows
+        n = columns // parts
+        start, size = first * rows, count * rows
+        # Operand and result row i are stream row start - rows + i: whole blocks,
+        # the one before the task's own first (zeros before the stream's start).
+        nk.gather_rows(
+            src, start - rows, stream.grid, stream.shift, stream.line_order,
+            stream.line_start, job.offsets, a[: size + rows],
+        )  # fmt: skip
+        operand = a[: size + rows].reshape(count + 1, rows, job.width)[:, :, :k]
+        np.matmul(operand, job.weights[0], out=g[: size + rows].reshape(count + 1, rows, columns))
+        # Part j of output row start + i is result row rows + i + windows[j] - extra,
+        # columns j * n ..; the parts are summed in order, as the scatter sums
+        # separate products, into contiguous rows the scatter copies as they are.
+        base = rows - job.extra
+        summed = total[:size]
+        for j, window in enumerate(job.windows):
+            part = g[base + window : base + window + size, j * n : (j + 1) * n]
+            if j == 0:
+                summed[...] = part
+            else:
+                np.add(summed, part, out=summed)
+        nk.scatter_rows(
+            summed[np.newaxis], start, stream.grid, stream.q_start, stream.line_order,
+            stream.line_start, strides_a, out_start_a, job.phase_table, *post, out,
+        )  # fmt: skip
 
     with threads.single_threaded_blas():
         _on_workers(len(tasks), multiply)
