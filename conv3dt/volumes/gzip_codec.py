@@ -159,7 +159,7 @@ def _compressed_bound(size: int) -> int:
     return size + size // 10 + 1024
 
 
-def writer_memory_bytes(threads: int | None = None, block_size: int = BLOCK_SIZE) -> int:
+def writer_memory_bytes(threads: int | None = None, block_size: int | None = None) -> int:
     """Most bytes a :class:`GzipBlockWriter` holds: the block being filled and those in flight.
 
     Parameters
@@ -167,9 +167,10 @@ def writer_memory_bytes(threads: int | None = None, block_size: int = BLOCK_SIZE
     threads : int, optional
         Compression threads (default: :func:`conv3dt.engine.threads.get_threads`,
         at most :data:`MAX_THREADS`).
-    block_size : int
-        Uncompressed bytes per block.
+    block_size : int, optional
+        Uncompressed bytes per block (default :data:`BLOCK_SIZE`).
     """
+    block_size = BLOCK_SIZE if block_size is None else int(block_size)
     workers = _workers(threads)
     in_flight = workers + 1
     return block_size + in_flight * (block_size + _compressed_bound(block_size) + _DICTIONARY)
@@ -229,8 +230,8 @@ class GzipBlockWriter:
     threads : int, optional
         Compression threads, at most :data:`MAX_THREADS` (default: the engines'
         :func:`~conv3dt.engine.threads.get_threads`).
-    block_size : int
-        Uncompressed bytes per block, at least 64 KiB.
+    block_size : int, optional
+        Uncompressed bytes per block, at least 64 KiB (default :data:`BLOCK_SIZE`).
     """
 
     def __init__(
@@ -239,8 +240,9 @@ class GzipBlockWriter:
         *,
         name: str = "",
         threads: int | None = None,
-        block_size: int = BLOCK_SIZE,
+        block_size: int | None = None,
     ) -> None:
+        block_size = BLOCK_SIZE if block_size is None else int(block_size)
         if block_size < 2 * _DICTIONARY:
             raise ValueError(f"`block_size` must be at least 64 KiB. Received {block_size}")
         self._raw = raw
