@@ -341,11 +341,11 @@ def _output_chunks(
     return tuple(chunk)  # type: ignore[return-value]
 
 
-def _compressor_bytes() -> int:
+def _compressor_bytes(output_bytes: int) -> int:
     """What a streamed (``.nii.gz``) output's compressor holds besides its window of planes."""
-    from conv3dt.volumes.gzip_codec import writer_memory_bytes
+    from conv3dt.volumes.gzip_codec import threads_for, writer_memory_bytes
 
-    return writer_memory_bytes()
+    return writer_memory_bytes(threads_for(output_bytes))
 
 
 def plan_tiles(
@@ -444,7 +444,11 @@ def plan_tiles(
         activation_boxes=activation_boxes,
         in_chunks=None if in_chunks is None else tuple(int(c) for c in in_chunks),
         chunk_in=in_chunk_bytes,
-        compress_out=_compressor_bytes() if stream_out_bytes else 0,
+        compress_out=(
+            _compressor_bytes(math.prod(g.output_length for g in axes) * stream_out_bytes)
+            if stream_out_bytes
+            else 0
+        ),
     )
     out_shape = [g.output_length for g in axes]
     if tile_shape is not None:

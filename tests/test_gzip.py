@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from conv3dt import Conv3DTranspose
+from conv3dt.engine.threads import get_threads
 from conv3dt.geometry import axis_geometry
 from conv3dt.plan import plan_tiles
 from conv3dt.run import upsample_file
@@ -104,8 +105,11 @@ def test_block_writer_writes_one_member_the_standard_library_reads(size, threads
 def test_block_writer_output_does_not_depend_on_the_thread_count():
     # Blocks are primed with the bytes before them, never with a thread's state.
     data = _sample(5 * SMALL_BLOCK + 123)
-    outputs = {_compress(data, threads=n, block_size=SMALL_BLOCK) for n in (1, 2, 4)}
+    outputs = {_compress(data, threads=n, block_size=SMALL_BLOCK) for n in (2, 3, 4)}
     assert len(outputs) == 1
+    # One thread compresses one stream, without blocks: other bytes, same data.
+    single = _compress(data, threads=1, block_size=SMALL_BLOCK)
+    assert single not in outputs and gzip.decompress(single) == data
 
 
 def test_block_writer_blocks_compress_nearly_as_well_as_one_stream():
@@ -252,7 +256,9 @@ def _job(tmp_path: Path, source: Path, name: str, **options) -> bytes:
 @pytest.mark.parametrize("block_size", [SMALL_BLOCK, 3 * SMALL_BLOCK + 4, None])
 def test_a_nii_gz_job_holds_the_bytes_of_the_nii_job(tmp_path, monkeypatch, block_size):
     if block_size is not None:
+        # Blocks on threads even for this small output.
         monkeypatch.setattr(gzip_codec, "BLOCK_SIZE", block_size)
+        monkeypatch.setattr(gzip_codec, "MIN_PARALLEL_BYTES", 0)
     source = _input(tmp_path)
     plain = _job(tmp_path, source, "out.nii")
     # Tiles of a few planes: the compressed stream is built as tiles arrive.
@@ -284,6 +290,7 @@ def test_simpleitk_reads_the_compressed_output(tmp_path):
 
 def test_the_standard_library_fallback_writes_the_same_nifti(tmp_path, stdlib_only, monkeypatch):
     monkeypatch.setattr(gzip_codec, "BLOCK_SIZE", SMALL_BLOCK)
+    monkeypatch.setattr(gzip_codec, "MIN_PARALLEL_BYTES", 0)
     source = _input(tmp_path)
     plain = _job(tmp_path, source, "out.nii")
     assert _job(tmp_path, source, "out.nii.gz") == plain
@@ -373,6 +380,7 @@ def test_tiny_and_empty_volumes_round_trip(tmp_path, shape, dtype):
 
 def test_an_aborted_compressed_write_leaves_no_file_and_no_thread(tmp_path, monkeypatch):
     monkeypatch.setattr(gzip_codec, "BLOCK_SIZE", SMALL_BLOCK)
+    monkeypatch.setattr(gzip_codec, "MIN_PARALLEL_BYTES", 0)
     path = tmp_path / "out.nii.gz"
     shape = (64, 64, 32)
     with pytest.raises(KeyboardInterrupt):
@@ -384,11 +392,38 @@ def test_an_aborted_compressed_write_leaves_no_file_and_no_thread(tmp_path, monk
     assert os.listdir(tmp_path) == []
 
 
-def test_plan_counts_the_compressor_of_a_streamed_output():
-    axes = tuple(axis_geometry(32, 3, 2, "same") for _ in range(3))
+def test_small_outputs_are_compressed_on_the_calling_thread(tmp_path):
+    started = []
+    real = gzip_codec.GzipBlockWriter.__init__
+
+    def spy(self, raw, **options):
+        real(self, raw, **options)
+        started.append(self.threads)
+
+    path = tmp_path / "small.nii.gz"
+    shape = (64, 64, 16)  # 256 KiB, far below MIN_PARALLEL_BYTES
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gzip_codec.GzipBlockWriter, "__init__", spy)
+        with NiftiWriter(str(path), shape, np.float32) as writer:
+            writer.write(None, np.ones(shape, np.float32))
+            assert not _gzip_threads()
+    assert started == [1]
+    np.testing.assert_array_equal(nib.load(path).get_fdata(), 1.0)
+    assert gzip_codec.threads_for(gzip_codec.MIN_PARALLEL_BYTES) == min(
+        gzip_codec.MAX_THREADS, get_threads()
+    )
+    assert gzip_codec.writer_memory_bytes(1) < gzip_codec.writer_memory_bytes(2)
+
+
+@pytest.mark.parametrize("length", [32, 128])
+def test_plan_counts_the_compressor_of_a_streamed_output(length):
+    axes = tuple(axis_geometry(length, 3, 2, "same") for _ in range(3))
     streamed = plan_tiles(axes, 1, 2, tile_shape=(64, 64, 8), stream_out_bytes=8)
     direct = plan_tiles(axes, 1, 2, tile_shape=(64, 64, 8))
-    assert streamed.out_compress_bytes == gzip_codec.writer_memory_bytes() > 0
+    output_bytes = (2 * length) ** 3 * 8  # 2 MiB: on the calling thread; 128 MiB: blocks
+    threads = gzip_codec.threads_for(output_bytes)
+    assert threads == (1 if length == 32 else min(gzip_codec.MAX_THREADS, get_threads()))
+    assert streamed.out_compress_bytes == gzip_codec.writer_memory_bytes(threads) > 0
     assert direct.out_compress_bytes == 0
     extra = streamed.peak_bytes - direct.peak_bytes
     assert extra == streamed.out_window_bytes + streamed.out_compress_bytes

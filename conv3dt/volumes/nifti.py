@@ -524,7 +524,10 @@ class NiftiWriter(VolumeWriter):
             # Compressed on a few threads in blocks, written in order as one gzip
             # member; the name in its header is the file's without ".gz", as gzip's.
             name = os.path.basename(self.path)
-            self._sink = gzip_codec.GzipBlockWriter(raw, name=name[: -len(".gz")])
+            size = len(self._filled) * self._plane_size * self.dtype.itemsize
+            self._sink = gzip_codec.GzipBlockWriter(
+                raw, name=name[: -len(".gz")], threads=gzip_codec.threads_for(size)
+            )
         self._sink.write(_header_bytes(self._header))
 
     def _set_scaling(self, lo: float, hi: float) -> None:
