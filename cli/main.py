@@ -22,7 +22,7 @@ log = logging.getLogger("conv3dt")
 _FORMATS = click.Choice(["npy", "nifti", "hdf5", "zarr", "ome-zarr", "tiff"])
 _OUTPUT_DTYPES = click.Choice(["float32", "float16", "float64", "int16", "uint8"])
 # conv3dt.engine.ENGINES, written out so that --help does not import the engines.
-_ENGINES = click.Choice(["auto", "gemm", "numba", "numpy"])
+_ENGINES = click.Choice(["auto", "gemm", "numba", "numpy", "separable"])
 
 
 def _version() -> str:

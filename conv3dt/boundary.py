@@ -121,7 +121,30 @@ def axis_pads(axes: Sequence[AxisGeometry], boundary: str) -> tuple[AxisPad, ...
 
 
 def pad_volume(x: np.ndarray, pads: Sequence[AxisPad]) -> np.ndarray:
-    """``x`` (``(batch, d, h, w, channels)``) padded as ``pads`` say: numpy.pad's result."""
-    for axis, pad in enumerate(pads, start=1):
-        x = np.take(x, pad.source, axis=axis)
-    return x
+    """``x`` (``(batch, d, h, w, channels)``) padded as ``pads`` say: numpy.pad's result.
+
+    One copy of ``x`` into the padded array, then the margins, axis by axis,
+    from what is already in place (each axis's margins span the earlier axes'
+    margins, as ``numpy.pad`` pads one axis after another).
+    """
+    lengths = x.shape[1:4]
+    out = np.empty(
+        (
+            x.shape[0],
+            *(n + p.left + p.right for n, p in zip(lengths, pads, strict=True)),
+            x.shape[4],
+        ),
+        dtype=x.dtype,
+    )
+    inner = [slice(p.left, p.left + n) for p, n in zip(pads, lengths, strict=True)]
+    out[(slice(None), *inner, slice(None))] = x
+    for a, (pad, n) in enumerate(zip(pads, lengths, strict=True)):
+        span = [slice(None) if b < a else inner[b] for b in range(3)]
+        span[a] = slice(None)
+        block = out[(slice(None), *span, slice(None))]
+        for first, stop in ((0, pad.left), (pad.left + n, pad.left + n + pad.right)):
+            if stop > first:
+                block[(slice(None),) * (1 + a) + (slice(first, stop),)] = np.take(
+                    block, pad.source[first:stop] + pad.left, axis=1 + a
+                )
+    return out

@@ -147,7 +147,9 @@ def conv3d_transpose(
     )
     dtype = compute_dtype_for(x, kernel)
     work_dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
-    engine = resolve_engine(engine, kernel.shape, strides_t, dilation_t, math.prod(xl.shape[:4]))
+    engine = resolve_engine(
+        engine, kernel.shape, strides_t, dilation_t, math.prod(xl.shape[:4]), kernel=kernel
+    )
     pads = axis_pads(axes, boundary)
     out_start = tuple(g.crop_left for g in axes)
     if pads is not None:

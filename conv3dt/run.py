@@ -577,7 +577,10 @@ def volume_engine(
     """
     assert layer.kernel is not None
     voxels = batch * math.prod(g.input_length for g in axes)
-    return resolve_engine(engine, layer.kernel.shape, layer.strides, layer.dilation_rate, voxels)
+    kernel = layer.operands(np.zeros(0, dtype=np.float32))[1]
+    return resolve_engine(
+        engine, kernel.shape, layer.strides, layer.dilation_rate, voxels, kernel=kernel
+    )
 
 
 def compute_tile(

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from _kernels import engines_for, separable_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,10 +49,17 @@ def layers(draw: st.DrawFn, max_channels: int = 3) -> dict:
 
 
 def _arrays(layer: dict, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """An input and a kernel; the kernel is exactly separable for a third of the seeds
+    (or as ``layer["separable"]`` says), so the separable engine runs too."""
     rng = np.random.default_rng(layer["seed"])
     x = rng.standard_normal((layer["batch"], *layer["spatial"], layer["channels"]))
-    kernel = rng.standard_normal((*layer["kernel_size"], layer["filters"], layer["channels"]))
-    kernel /= np.sqrt(layer["channels"] * np.prod(layer["kernel_size"]))
+    if layer.get("separable", layer["seed"] % 3 == 0):
+        kernel = separable_kernel(
+            rng, layer["kernel_size"], layer["filters"], layer["channels"], np.float64
+        )
+    else:
+        kernel = rng.standard_normal((*layer["kernel_size"], layer["filters"], layer["channels"]))
+        kernel /= np.sqrt(layer["channels"] * np.prod(layer["kernel_size"]))
     return x.astype(dtype), kernel.astype(dtype)
 
 
@@ -114,7 +122,7 @@ def test_every_engine_matches_the_reference_on_any_box(data: st.DataObject, dtyp
     start, shape = data.draw(boxes(layer))
     x, kernel = _arrays(layer, dtype)
     want = reference_conv_transpose(x, kernel, _box_geometry(layer, start, shape))
-    for engine in ALL_ENGINES:
+    for engine in engines_for(kernel, layer["strides"]):
         got = _run(layer, x, kernel, (0, 0, 0), start, shape, engine, dtype)
         assert got.shape == want.shape
         assert got.dtype == np.dtype(dtype)
@@ -142,7 +150,7 @@ def test_sub_boxes_from_their_input_boxes_are_exact(data: st.DataObject) -> None
     ]
     origin = tuple(r[0] for r in ranges)
     want = reference_conv_transpose(x, kernel, _box_geometry(layer, start, shape))
-    for engine in ALL_ENGINES:
+    for engine in engines_for(kernel, layer["strides"]):
         whole = _run(layer, x, kernel, (0, 0, 0), start, shape, engine, np.float32)
         tile = _run(layer, sub, kernel, origin, start, shape, engine, np.float32)
         np.testing.assert_array_equal(tile, whole, err_msg=f"engine={engine}")
@@ -190,7 +198,7 @@ def test_tiled_equals_untiled_for_every_engine(
     crop = tuple(g.crop_left for g in axes)
     out_shape = tuple(g.output_length for g in axes)
     bounds = [data.draw(cuts(n)) for n in out_shape]
-    for engine in ALL_ENGINES:
+    for engine in engines_for(kernel, layer["strides"]):
         whole = _run(layer, x, kernel, (0, 0, 0), crop, out_shape, engine, np.float32)
         tiled = np.full_like(whole, np.nan)
         spans = [list(itertools.pairwise(b)) for b in bounds]
@@ -238,8 +246,10 @@ def _special_case(
     spatial: tuple,
     batch: int,
     seed: int,
+    separable: bool = False,
 ) -> tuple[dict, np.ndarray, np.ndarray, tuple[AxisGeometry, ...]]:
-    """A SPECIAL row as a layer dict, its input and kernel, and its "same" geometry."""
+    """A SPECIAL row as a layer dict, its input and kernel (``separable`` or not), and
+    its "same" geometry."""
     layer = {
         "kernel_size": kernel_size,
         "strides": strides,
@@ -249,6 +259,7 @@ def _special_case(
         "filters": filters,
         "batch": batch,
         "seed": seed,
+        "separable": separable,
     }
     x, kernel = _arrays(layer)
     axes = layer_geometry(spatial, kernel_size, strides, "same", None, dilation)
@@ -260,7 +271,7 @@ def _special_case(
 def test_special_paths(engine: str, case: tuple) -> None:
     """Larger volumes than the property tests draw: values, and tiles cut at odd places
     (inside a phase, on one voxel, past the end) that equal the untiled result."""
-    layer, x, kernel, axes = _special_case(*case, batch=2, seed=7)
+    layer, x, kernel, axes = _special_case(*case, batch=2, seed=7, separable=engine == "separable")
     crop = tuple(g.crop_left for g in axes)
     out_shape = tuple(g.output_length for g in axes)
     whole = _run(layer, x, kernel, (0, 0, 0), crop, out_shape, engine, np.float32)
@@ -300,7 +311,10 @@ def test_empty_input_box_gives_zeros(engine: str) -> None:
 def test_integer_and_non_contiguous_input(engine: str) -> None:
     rng = np.random.default_rng(3)
     x = rng.integers(-3, 4, size=(2, 6, 5, 4, 3))[:, ::2, :, ::-1]
-    kernel = rng.standard_normal((3, 2, 2, 5, 3)).astype(np.float32)
+    if engine == "separable":
+        kernel = separable_kernel(rng, (3, 2, 2), 5, 3)
+    else:
+        kernel = rng.standard_normal((3, 2, 2, 5, 3)).astype(np.float32)
     layer = {
         "spatial": x.shape[1:4],
         "kernel_size": (3, 2, 2),
@@ -360,7 +374,10 @@ def test_auto_runs_the_engine_it_chooses() -> None:
 def test_results_do_not_depend_on_the_thread_count(engine: str) -> None:
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 9, 10, 11, 6)).astype(np.float32)
-    kernel = rng.standard_normal((3, 3, 3, 5, 6)).astype(np.float32)
+    if engine == "separable":
+        kernel = separable_kernel(rng, (3, 3, 3), 5, 6)
+    else:
+        kernel = rng.standard_normal((3, 3, 3, 5, 6)).astype(np.float32)
     args = (x, kernel, (2, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), (18, 20, 22))
     with set_threads(1):
         one = conv_transpose_region(*args, engine=engine)
@@ -524,7 +541,7 @@ def test_fused_epilogue_equals_the_separate_pass(
         if use_bias
         else None
     )
-    for engine in ALL_ENGINES:
+    for engine in engines_for(kernel, layer["strides"]):
         want = _run(layer, x, kernel, (0, 0, 0), start, shape, engine, dtype)
         Epilogue(bias, activation).apply(want)
         got = conv_transpose_region(
@@ -548,7 +565,7 @@ def test_fused_epilogue_equals_the_separate_pass(
 def test_special_paths_fuse_bias_and_activation(engine: str, case: tuple) -> None:
     """The fast paths' fused epilogue (the upsampling widths, the GEMM scatter) on the
     whole output and on tiles, against the sum finished by NumPy."""
-    layer, x, kernel, axes = _special_case(*case, batch=1, seed=11)
+    layer, x, kernel, axes = _special_case(*case, batch=1, seed=11, separable=engine == "separable")
     bias = np.linspace(-1.5, 7.5, layer["filters"], dtype=np.float32)
     crop = tuple(g.crop_left for g in axes)
     out_shape = tuple(g.output_length for g in axes)
@@ -625,7 +642,7 @@ def test_out_buffer_holding_garbage_gives_the_same_result(
     x, kernel = _arrays(layer)
     bias = np.linspace(-1, 1, layer["filters"], dtype=np.float32) if use_bias else None
     args = (x, kernel, layer["strides"], layer["dilation"], (0, 0, 0), start, shape, np.float32)
-    for engine in ALL_ENGINES:
+    for engine in engines_for(kernel, layer["strides"]):
         fresh = conv_transpose_region(*args, engine=engine, bias=bias, activation=activation)
         out = np.full_like(fresh, np.nan)
         got = conv_transpose_region(*args, engine=engine, bias=bias, activation=activation, out=out)

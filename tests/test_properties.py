@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _kernels import separable_kernel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,13 +49,22 @@ def configs(draw: st.DrawFn) -> dict:
     }
 
 
-def _arrays(cfg: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Channels-last input, kernel and bias; the kernel is scaled so outputs are unit-scale."""
+def _arrays(cfg: dict, separable: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Channels-last input, kernel and bias; the kernel is scaled so outputs are unit-scale.
+
+    The kernel is exactly separable when ``separable`` says so, by default for a
+    third of the seeds.
+    """
     rng = np.random.default_rng(cfg["seed"])
     x = rng.standard_normal((cfg["batch"], *cfg["spatial"], cfg["channels"]))
-    fan_in = cfg["channels"] * int(np.prod(cfg["kernel_size"]))
-    kernel = rng.standard_normal((*cfg["kernel_size"], cfg["filters"], cfg["channels"]))
-    kernel /= np.sqrt(fan_in)
+    if cfg["seed"] % 3 == 0 if separable is None else separable:
+        kernel = separable_kernel(
+            rng, cfg["kernel_size"], cfg["filters"], cfg["channels"], np.float64
+        )
+    else:
+        fan_in = cfg["channels"] * int(np.prod(cfg["kernel_size"]))
+        kernel = rng.standard_normal((*cfg["kernel_size"], cfg["filters"], cfg["channels"]))
+        kernel /= np.sqrt(fan_in)
     bias = rng.standard_normal(cfg["filters"])
     return x.astype(cfg["dtype"]), kernel.astype(cfg["dtype"]), bias.astype(cfg["dtype"])
 
@@ -160,7 +170,7 @@ def direct_conv3d(
 @settings(max_examples=300, deadline=None)
 @given(cfg=configs())
 def test_matches_reference(engine: str, cfg: dict) -> None:
-    x, kernel, bias = _arrays(cfg)
+    x, kernel, bias = _arrays(cfg, separable=engine == "separable" or None)
     use_bias = cfg["seed"] % 2 == 0
     got = _run(cfg, x, kernel, bias if use_bias else None, engine=engine)
     axes = layer_geometry(
@@ -204,7 +214,7 @@ def test_output_shape_matches_keras_formula(cfg: dict) -> None:
 @given(cfg=configs())
 def test_adjoint_identity(engine: str, cfg: dict) -> None:
     cfg = {**cfg, "dtype": np.float64}
-    x, kernel, _ = _arrays(cfg)
+    x, kernel, _ = _arrays(cfg, separable=engine == "separable" or None)
     out = _run(cfg, x, kernel, None, engine=engine)
     y = np.random.default_rng(cfg["seed"] + 1).standard_normal(out.shape)
     left = tuple(
@@ -240,6 +250,8 @@ def test_spatial_one_and_stride_above_kernel(engine: str) -> None:
     """A single voxel with stride 4 > kernel 2, "valid": kernel copy then zeros."""
     x = np.ones((1, 1, 1, 1, 1), dtype=np.float64)
     kernel = np.arange(1.0, 9.0).reshape(2, 2, 2, 1, 1)
+    if engine == "separable":
+        kernel = np.einsum("i,j,k->ijk", [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]).reshape(2, 2, 2, 1, 1)
     out = conv3d_transpose(x, kernel, strides=4, padding="valid", engine=engine)
     assert out.shape == (1, 4, 4, 4, 1)
     np.testing.assert_array_equal(out[0, :2, :2, :2, 0], kernel[..., 0, 0])

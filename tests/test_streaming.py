@@ -18,6 +18,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from _kernels import separable_kernel
 
 from conv3dt import Conv3DTranspose
 from conv3dt.geometry import axis_geometry
@@ -310,10 +311,13 @@ def test_every_engine_gives_the_same_tiles(tmp_path):
     rng = np.random.default_rng(30)
     layer = _layer(rng, 3, filters=4, kernel_size=3, strides=2, padding="same")
     stored = rng.standard_normal((7, 6, 5, 3)).astype(np.float32)
+    separable = _layer(rng, 3, filters=4, kernel_size=3, strides=2, padding="same")
+    separable.set_weights([separable_kernel(rng, (3, 3, 3), 4, 3), separable.bias])
     for engine in ENGINES:
+        used = separable if engine == "separable" else layer
         for tile in [(1, 1, 1), (3, 5, 2)]:
-            _, got = _run(tmp_path, layer, stored, "npy", "npy", tile_shape=tile, engine=engine)
-            whole = layer(stored[None], engine=engine)[0]
+            _, got = _run(tmp_path, used, stored, "npy", "npy", tile_shape=tile, engine=engine)
+            whole = used(stored[None], engine=engine)[0]
             np.testing.assert_array_equal(got, whole, err_msg=f"{engine} {tile}")
 
 

@@ -13,11 +13,16 @@ implementation:
 ``"numpy"``
     One NumPy product per kernel tap (:mod:`conv3dt.engine.numpy_engine`):
     simple, slower, nothing to import or compile.
+``"separable"``
+    For kernels that are exactly an outer product of three 1D kernels and a
+    channel matrix (every interpolation preset): three fused 1D passes in
+    Numba (:mod:`conv3dt.engine.separable`). Refuses other kernels.
 ``"auto"``
     :func:`engine_for_volume` picks one per volume, from the layer and the
     work the volume needs: the NumPy engine for small jobs (where importing
     Numba and loading its compiled kernels would cost more than the whole
-    computation), else :func:`choose_engine`'s pick for the layer.
+    computation), the separable engine for separable kernels (when given the
+    kernel), else :func:`choose_engine`'s pick for the layer.
 
 Every engine adds each output voxel's terms in an order that does not depend on
 the box, so a tile computed from its input box equals the same box of the
@@ -43,10 +48,11 @@ __all__ = [
     "choose_engine",
     "conv_transpose_region",
     "engine_for_volume",
+    "prefers_separable",
     "resolve_engine",
 ]
 
-ENGINES = ("auto", "gemm", "numba", "numpy")
+ENGINES = ("auto", "gemm", "numba", "numpy", "separable")
 
 # Up to this many input channels an upsampling layer (kernel == stride) is
 # bound by writing its output, and the fused Numba pass beats a GEMM.
@@ -114,6 +120,7 @@ def engine_for_volume(
     strides: Sequence[int],
     dilation: Sequence[int],
     input_voxels: int,
+    kernel: np.ndarray | None = None,
 ) -> str:
     """The engine ``"auto"`` runs for a whole volume.
 
@@ -124,12 +131,15 @@ def engine_for_volume(
     strides, dilation : three ints
     input_voxels : int
         Spatial voxels of the whole input, times its batch size.
+    kernel : ndarray, optional
+        The weights, to recognize a separable kernel (:func:`prefers_separable`).
 
     Returns
     -------
     str
         ``"numpy"`` when the NumPy engine's estimated time for the volume is at
-        most :data:`SMALL_JOB_SECONDS`, else :func:`choose_engine`'s pick.
+        most :data:`SMALL_JOB_SECONDS`, else ``"separable"`` for a separable
+        ``kernel``, else :func:`choose_engine`'s pick.
     """
     taps = int(np.prod([int(k) for k in kernel_shape[:3]]))
     pairs = int(kernel_shape[3]) * int(kernel_shape[4])
@@ -137,7 +147,30 @@ def engine_for_volume(
     seconds = tap_voxels * (_NUMPY_NS_PER_TAP_VOXEL + _NUMPY_NS_PER_MAC * pairs) * 1e-9
     if seconds <= SMALL_JOB_SECONDS:
         return "numpy"
+    if kernel is not None and prefers_separable(kernel, strides):
+        return "separable"
     return choose_engine(kernel_shape, strides, dilation)
+
+
+# Up to this many channel pairs a separable kernel's channel matrix is applied
+# by elementwise products at the input's resolution; beyond it, a GEMM engine
+# spends its time better (a diagonal matrix needs no products at all).
+_SEPARABLE_PAIRS = 16
+
+
+def prefers_separable(kernel: np.ndarray, strides: Sequence[int]) -> bool:
+    """Whether ``"auto"`` computes ``kernel`` as three 1D passes.
+
+    True for a separable kernel (exactly, see
+    :func:`conv3dt.engine.separable.separable_factors`) whose channel matrix is
+    the identity or has at most 16 entries.
+    """
+    from conv3dt.engine.separable import separable_factors
+
+    factors = separable_factors(kernel, strides)
+    if factors is None:
+        return False
+    return factors.is_identity or factors.channels.size <= _SEPARABLE_PAIRS
 
 
 def resolve_engine(
@@ -146,6 +179,7 @@ def resolve_engine(
     strides: Sequence[int],
     dilation: Sequence[int],
     input_voxels: int,
+    kernel: np.ndarray | None = None,
 ) -> str:
     """``engine`` itself, or for ``"auto"`` the engine :func:`engine_for_volume` picks.
 
@@ -156,12 +190,16 @@ def resolve_engine(
     Raises
     ------
     ValueError
-        On an unknown ``engine``.
+        On an unknown ``engine``, or ``"separable"`` with a ``kernel`` that is not.
     """
     _check_engine(engine)
+    if engine == "separable" and kernel is not None:
+        from conv3dt.engine.separable import check_separable
+
+        check_separable(kernel, strides)
     if engine != "auto":
         return engine
-    return engine_for_volume(kernel_shape, strides, dilation, input_voxels)
+    return engine_for_volume(kernel_shape, strides, dilation, input_voxels, kernel)
 
 
 def conv_transpose_region(
@@ -195,8 +233,9 @@ def conv_transpose_region(
         index ``o + crop_left``. Indices outside the full output give zeros.
     compute_dtype : dtype
         Accumulation and result dtype.
-    engine : {"auto", "gemm", "numba", "numpy"}
-        The implementation; "auto" picks one per layer (:func:`choose_engine`).
+    engine : {"auto", "gemm", "numba", "numpy", "separable"}
+        The implementation; "auto" picks the separable engine for a separable
+        kernel (:func:`prefers_separable`), else one per layer (:func:`choose_engine`).
         Callers computing a volume box by box pass :func:`resolve_engine`'s
         pick for the whole volume instead.
     bias : ndarray, shape (filters,), optional
@@ -220,7 +259,11 @@ def conv_transpose_region(
     """
     _check_engine(engine)
     if engine == "auto":
-        engine = choose_engine(kernel.shape, strides, dilation)
+        engine = (
+            "separable"
+            if prefers_separable(kernel, strides)
+            else choose_engine(kernel.shape, strides, dilation)
+        )
     dtype = np.dtype(compute_dtype)
     epilogue = Epilogue(None if bias is None else np.asarray(bias), activation)
     if out is not None:
@@ -233,6 +276,10 @@ def conv_transpose_region(
         from conv3dt.engine.direct_engine import conv_transpose_region_direct
 
         run = conv_transpose_region_direct
+    elif engine == "separable":
+        from conv3dt.engine.separable import conv_transpose_region_separable
+
+        run = conv_transpose_region_separable
     else:
         run = conv_transpose_region_numpy
     return run(x, kernel, strides, dilation, in_origin, out_start, out_shape, dtype, epilogue, out)

@@ -19,6 +19,7 @@ __all__ = [
     "direct_region",
     "gather_rows",
     "scatter_rows",
+    "separable_region",
     "upsample_rows",
 ]
 
@@ -437,6 +438,187 @@ def upsample_rows(
     _upsample_rows(width, x, w, strides, in_origin, out_start, bias, limits, code, out)
 
 
+@numba.njit(nogil=True, inline="always")
+def _width_pass(
+    plane: np.ndarray,
+    channels: int,
+    counts: np.ndarray,
+    index: np.ndarray,
+    weight: np.ndarray,
+    phases: np.ndarray,
+    phase_weight: np.ndarray,
+    stride: int,
+    edges: np.ndarray,
+    tmp: np.ndarray,
+    q: np.ndarray,
+) -> None:
+    """``q[h]``: row ``h`` of an input plane upsampled along width, for every ``h``.
+
+    ``plane`` is ``(rows, width * channels)``. Output column ``ow`` (channel
+    ``f`` at ``ow * channels + f``) sums ``weight[ow, t] * input[index[ow, t]]``
+    for ``t < counts[ow]``, in that order. Columns whose taps all lie inside
+    the row are computed phase by phase over contiguous memory, each phase's
+    run into ``tmp`` and then set in place; ``phases[p]`` holds the phase's
+    tap count, its first and last ``q`` (columns ``q * stride + first_column``),
+    its first output column, and from index 4 its taps' input shifts, with
+    ``phase_weight[p]`` their weights. The other columns (``edges``) follow the
+    tables. Either way a column's terms are the same, added in the same order.
+    """
+    for h in range(plane.shape[0]):
+        src = plane[h]
+        dst = q[h]
+        for p in range(phases.shape[0]):
+            n = phases[p, 0]
+            runs = phases[p, 2] - phases[p, 1]
+            if runs <= 0:
+                continue
+            length = runs * channels
+            base = (phases[p, 1] + phases[p, 4]) * channels
+            w0 = phase_weight[p, 0]
+            for k in range(length):
+                tmp[k] = w0 * src[base + k]
+            for j in range(1, n):
+                base = (phases[p, 1] + phases[p, 4 + j]) * channels
+                wj = phase_weight[p, j]
+                for k in range(length):
+                    tmp[k] += wj * src[base + k]
+            first = phases[p, 3] * channels
+            step = stride * channels
+            for r in range(runs):
+                for f in range(channels):
+                    dst[first + r * step + f] = tmp[r * channels + f]
+        for e in range(edges.shape[0]):
+            ow = edges[e]
+            n = counts[ow]
+            for f in range(channels):
+                if n == 0:
+                    dst[ow * channels + f] = 0
+                    continue
+                acc = weight[ow, 0] * src[index[ow, 0] * channels + f]
+                for t in range(1, n):
+                    acc += weight[ow, t] * src[index[ow, t] * channels + f]
+                dst[ow * channels + f] = acc
+
+
+@numba.njit(nogil=True, inline="always")
+def _line_pass(
+    src: np.ndarray,
+    counts: np.ndarray,
+    index: np.ndarray,
+    weight: np.ndarray,
+    dst: np.ndarray,
+) -> None:
+    """``dst[o] = sum_t weight[o, t] * src[index[o, t]]`` row by row, ``t`` ascending.
+
+    ``src`` and ``dst`` are 2D; each output row is a weighted sum of whole
+    input rows, so the inner loop runs along contiguous memory and vectorizes.
+    """
+    row = dst.shape[1]
+    for o in range(dst.shape[0]):
+        out = dst[o]
+        n = counts[o]
+        if n == 0:
+            out[:] = 0
+            continue
+        first = src[index[o, 0]]
+        w0 = weight[o, 0]
+        for j in range(row):
+            out[j] = w0 * first[j]
+        for t in range(1, n):
+            line = src[index[o, t]]
+            wt = weight[o, t]
+            for j in range(row):
+                out[j] += wt * line[j]
+
+
+@numba.njit(parallel=True)
+def separable_region(
+    x: np.ndarray,
+    d_counts: np.ndarray,
+    d_index: np.ndarray,
+    d_weight: np.ndarray,
+    h_counts: np.ndarray,
+    h_index: np.ndarray,
+    h_weight: np.ndarray,
+    w_counts: np.ndarray,
+    w_index: np.ndarray,
+    w_weight: np.ndarray,
+    w_phases: np.ndarray,
+    w_phase_weight: np.ndarray,
+    w_stride: int,
+    w_edges: np.ndarray,
+    span: int,
+    parts: int,
+    bias: np.ndarray,
+    limits: np.ndarray,
+    code: int,
+    out: np.ndarray,
+) -> None:
+    """A separable transposed convolution: three 1D passes, width, height, then depth.
+
+    ``x`` is ``(batch, d, h, w * F)`` and ``out`` is ``(batch, D, H, W * F)``;
+    each axis's tables give, for every output index, its taps' input indices
+    (in ``x``'s box) and weights, in a fixed order (and the width axis's
+    phases, see :func:`_width_pass`). Output voxel
+    ``(od, oh, ow, f)`` is therefore
+    ``sum_td d_w * (sum_th h_w * (sum_tw w_w * x))``, its terms always added in
+    the same order, whatever box it is computed in. The input planes a
+    depth output needs (at most ``span`` consecutive ones) are upsampled in
+    the plane once each and kept in a ring of ``span`` planes; each of
+    ``parts`` tasks (one per thread) takes a run of consecutive output planes.
+    """
+    batch = x.shape[0]
+    depth, height, row = out.shape[1], out.shape[2], out.shape[3]
+    in_rows = x.shape[2]
+    channels = row // max(1, w_counts.shape[0])
+    parts = max(1, min(depth, parts))
+    for job in numba.prange(batch * parts):
+        b = job // parts
+        part = job % parts
+        first = part * depth // parts
+        stop = (part + 1) * depth // parts
+        ring = np.empty((span, height, row), dtype=out.dtype)
+        tags = np.full(span, -1, dtype=np.int64)
+        q = np.empty((in_rows, row), dtype=out.dtype)
+        tmp = np.empty(x.shape[3], dtype=out.dtype)
+        for od in range(first, stop):
+            n = d_counts[od]
+            for t in range(n):
+                i = d_index[od, t]
+                slot = i % span
+                if tags[slot] != i:
+                    _width_pass(
+                        x[b, i],
+                        channels,
+                        w_counts,
+                        w_index,
+                        w_weight,
+                        w_phases,
+                        w_phase_weight,
+                        w_stride,
+                        w_edges,
+                        tmp,
+                        q,
+                    )
+                    _line_pass(q, h_counts, h_index, h_weight, ring[slot])
+                    tags[slot] = i
+            for oh in range(height):
+                dst = out[b, od, oh]
+                if n == 0:
+                    dst[:] = 0
+                else:
+                    plane = ring[d_index[od, 0] % span, oh]
+                    w0 = d_weight[od, 0]
+                    for j in range(row):
+                        dst[j] = w0 * plane[j]
+                    for t in range(1, n):
+                        plane = ring[d_index[od, t] % span, oh]
+                        wt = d_weight[od, t]
+                        for j in range(row):
+                            dst[j] += wt * plane[j]
+                _finish_run(dst, bias, limits, code)
+
+
 # The same compiled for one width each: a constant trip count lets LLVM vectorize
 # the row loop with interleaved stores.
 @numba.njit(parallel=True)
@@ -491,6 +673,13 @@ UPSAMPLE_FIXED = {2: upsample_rows_2, 4: upsample_rows_4, 8: upsample_rows_8}
 
 # Compiled code is kept in the user's cache folder, never beside this file.
 numba_cache.enable_cache(
-    [gather_rows, scatter_rows, direct_region, upsample_rows, *UPSAMPLE_FIXED.values()]
+    [
+        gather_rows,
+        scatter_rows,
+        direct_region,
+        separable_region,
+        upsample_rows,
+        *UPSAMPLE_FIXED.values(),
+    ]
 )
 numba_cache.announce_compiles()
