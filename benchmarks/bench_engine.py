@@ -49,6 +49,14 @@ Run from the repository root::
     python benchmarks/bench_engine.py -w W1,W5 -e auto --repeats 11
     python benchmarks/bench_engine.py --no-cli        # the workload table only
     python benchmarks/bench_engine.py --cli-only      # the command-line sections only
+    python benchmarks/bench_engine.py --presets-only  # the interpolation presets only
+
+Interpolation presets
+    P1-P3: the ``linear`` and ``nearest`` presets with ``boundary="replicate"``
+    through :func:`conv3dt.conv3d_transpose` (``auto``, which runs the separable
+    engine, and the general Numba engine), against PyTorch's ``interpolate``
+    and SciPy's ``ndimage.zoom``, which compute the same values; the largest
+    absolute difference is from PyTorch's result.
 """
 
 from __future__ import annotations
@@ -71,7 +79,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conv3dt.engine import ENGINES, choose_engine, conv_transpose_region
+from conv3dt.engine import ENGINES, choose_engine, conv_transpose_region, engine_for_volume
+from conv3dt.engine.separable import separable_factors
 from conv3dt.engine.threads import get_threads, set_threads
 from conv3dt.ops import layer_geometry
 
@@ -222,6 +231,8 @@ def run_workloads(args: argparse.Namespace) -> None:
             calls["torch"] = torch_call
         args_ = (x, kernel, (w.stride,) * 3, (w.dilation,) * 3, (0, 0, 0), crop, shape, np.float32)
         for engine in args.engines:
+            if engine == "separable" and separable_factors(kernel, (w.stride,) * 3) is None:
+                continue  # it refuses kernels that are not exactly separable
             calls[engine] = functools.partial(conv_transpose_region, *args_, engine=engine)
         if args.reuse_out:
             buffer = np.empty((w.batch, *shape, w.filters), dtype=np.float32)
@@ -247,6 +258,119 @@ def run_workloads(args: argparse.Namespace) -> None:
             )
         goal = f"goal: {w.goal:g}x PyTorch" if w.goal else "few channels, no stated goal"
         print(f"    {w.describe()}; {goal}")
+
+
+@dataclass(frozen=True)
+class PresetCase:
+    """An interpolation preset on a single-channel volume, with replicated edges."""
+
+    name: str
+    preset: str
+    factor: int
+    size: int
+    goal: float | None
+
+    def describe(self) -> str:
+        """The case in the preset's terms."""
+        return f"{self.preset} x{self.factor}, 1x{self.size}^3x1, boundary replicate"
+
+
+PRESET_CASES = [
+    PresetCase("P1", "linear", 2, 192, 5.0),
+    PresetCase("P2", "nearest", 2, 192, None),
+    PresetCase("P3", "linear", 3, 128, None),
+]
+
+
+def run_presets(args: argparse.Namespace) -> None:
+    """Time the presets against PyTorch's ``interpolate`` and SciPy's ``zoom``; print the table.
+
+    conv3dt runs :func:`conv3dt.conv3d_transpose` with the preset's kernel and
+    ``boundary="replicate"``, once with ``auto`` (the separable engine) and once
+    with the general Numba engine; PyTorch runs ``interpolate`` (``trilinear``
+    with ``align_corners=False``, or ``nearest``) and SciPy ``ndimage.zoom``
+    (``order`` 1 or 0, ``grid_mode=True``, ``mode="nearest"``), which give the
+    same values. SciPy runs on one thread (it has no others).
+    """
+    import conv3dt
+    from conv3dt.presets import preset_kernel
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    try:
+        from scipy import ndimage
+    except ImportError:
+        ndimage = None
+    if args.no_torch:
+        torch = None
+    set_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(get_threads())
+    print()
+    print(
+        f"interpolation presets, threads {get_threads()}; PyTorch "
+        f"{torch.__version__ if torch is not None else 'not installed'}, SciPy "
+        f"{'installed' if ndimage is not None else 'not installed'}"
+    )
+    header = (
+        f"{'id':<3} {'implementation':<26} {'median s':>9} {'vs torch':>9} {'vs scipy':>9} "
+        f"{'max abs diff':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for case in PRESET_CASES:
+        x = np.random.default_rng(0).random((1, case.size, case.size, case.size, 1), np.float32)
+        kernel = preset_kernel(case.preset, case.factor)
+        calls: dict[str, Callable[[], np.ndarray]] = {}
+        for engine in ("auto", "numba"):
+            calls[f"conv3dt {engine}"] = functools.partial(
+                conv3dt.conv3d_transpose,
+                x,
+                kernel,
+                strides=case.factor,
+                padding="same",
+                engine=engine,
+                boundary="replicate",
+            )
+        if torch is not None:
+            xt = torch.from_numpy(x[..., 0][:, None].copy())
+            mode = {"linear": "trilinear", "nearest": "nearest"}[case.preset]
+            extra = {"align_corners": False} if case.preset == "linear" else {}
+
+            def torch_call(xt=xt, mode=mode, extra=extra, factor=case.factor) -> np.ndarray:
+                with torch.no_grad():
+                    y = torch.nn.functional.interpolate(xt, scale_factor=factor, mode=mode, **extra)
+                return y.numpy()[0, 0]
+
+            calls["torch interpolate"] = torch_call
+        if ndimage is not None:
+            order = {"linear": 1, "nearest": 0}[case.preset]
+            calls["scipy zoom"] = functools.partial(
+                ndimage.zoom, x[0, ..., 0], case.factor, order=order, grid_mode=True, mode="nearest"
+            )
+        reference = next(
+            (calls[k]() for k in ("torch interpolate", "scipy zoom") if k in calls), None
+        )
+        diffs = {}
+        for name, call in calls.items():
+            if reference is not None:
+                diffs[name] = float(
+                    np.abs(np.asarray(call()).reshape(reference.shape) - reference).max()
+                )
+        seconds = interleaved(calls, args.repeats, args.budget)
+        picked = engine_for_volume(kernel.shape, (case.factor,) * 3, (1,) * 3, x.size, kernel)
+        for name, t in seconds.items():
+            label = name + (f":{picked}" if name == "conv3dt auto" else "")
+            vs_torch = (
+                f"{seconds['torch interpolate'] / t:.2f}x" if "torch interpolate" in seconds else ""
+            )
+            vs_scipy = f"{seconds['scipy zoom'] / t:.2f}x" if "scipy zoom" in seconds else ""
+            diff = f"{diffs[name]:.1e}" if name in diffs else ""
+            print(f"{case.name:<3} {label:<26} {t:>9.4f} {vs_torch:>9} {vs_scipy:>9} {diff:>12}")
+        goal = f"goal: auto {case.goal:g}x PyTorch" if case.goal else "no stated goal"
+        print(f"    {case.describe()}; {goal}")
 
 
 HELP_LIMIT = 0.5  # seconds for ``conv3dt --help``
@@ -482,9 +606,11 @@ def run_cli(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run the sections the options select."""
-    if not args.cli_only:
+    if not args.cli_only and not args.presets_only:
         run_workloads(args)
-    if not args.no_cli:
+    if not args.cli_only and not args.no_presets:
+        run_presets(args)
+    if not args.no_cli and not args.presets_only:
         run_cli(args)
 
 
@@ -516,7 +642,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help=f"also time auto writing into an output array kept between calls ({REUSED!r})",
     )
+    parser.add_argument("--no-presets", action="store_true", help="skip the presets section")
     sections = parser.add_mutually_exclusive_group()
+    sections.add_argument(
+        "--presets-only", action="store_true", help="run only the interpolation presets section"
+    )
     sections.add_argument(
         "--no-cli", action="store_true", help="skip the end-to-end and start-up sections"
     )

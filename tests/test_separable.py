@@ -179,6 +179,9 @@ def test_auto_picks_the_separable_engine_for_separable_kernels_of_large_volumes(
     assert engine_for_volume(preset.shape, (2,) * 3, (1,) * 3, big) == "numba"
     noise = np.random.default_rng(0).standard_normal(preset.shape).astype(np.float32)
     assert engine_for_volume(preset.shape, (2,) * 3, (1,) * 3, big, noise) == "numba"
+    # Kernel == stride (nearest): one tap per output voxel, the Numba engine's own pass.
+    nearest = preset_kernel("nearest", 2)
+    assert engine_for_volume(nearest.shape, (2,) * 3, (1,) * 3, 4 * big, nearest) == "numba"
     # A separable kernel with a full 8 x 8 channel matrix mixes channels best in a GEMM.
     wide = separable_kernel(np.random.default_rng(1), (4, 4, 4), 8, 8)
     assert separable_factors(wide, (2,) * 3) is not None

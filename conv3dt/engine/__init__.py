@@ -147,7 +147,7 @@ def engine_for_volume(
     seconds = tap_voxels * (_NUMPY_NS_PER_TAP_VOXEL + _NUMPY_NS_PER_MAC * pairs) * 1e-9
     if seconds <= SMALL_JOB_SECONDS:
         return "numpy"
-    if kernel is not None and prefers_separable(kernel, strides):
+    if kernel is not None and prefers_separable(kernel, strides, dilation):
         return "separable"
     return choose_engine(kernel_shape, strides, dilation)
 
@@ -158,15 +158,20 @@ def engine_for_volume(
 _SEPARABLE_PAIRS = 16
 
 
-def prefers_separable(kernel: np.ndarray, strides: Sequence[int]) -> bool:
+def prefers_separable(kernel: np.ndarray, strides: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether ``"auto"`` computes ``kernel`` as three 1D passes.
 
     True for a separable kernel (exactly, see
     :func:`conv3dt.engine.separable.separable_factors`) whose channel matrix is
-    the identity or has at most 16 entries.
+    the identity or has at most 16 entries, unless the kernel equals the
+    stride: each output voxel then takes one tap, which the Numba engine's
+    upsampling pass writes directly.
     """
+    from conv3dt.engine.direct_engine import is_upsampling
     from conv3dt.engine.separable import separable_factors
 
+    if is_upsampling(kernel.shape[:3], strides, dilation):
+        return False
     factors = separable_factors(kernel, strides)
     if factors is None:
         return False
@@ -261,7 +266,7 @@ def conv_transpose_region(
     if engine == "auto":
         engine = (
             "separable"
-            if prefers_separable(kernel, strides)
+            if prefers_separable(kernel, strides, dilation)
             else choose_engine(kernel.shape, strides, dilation)
         )
     dtype = np.dtype(compute_dtype)
