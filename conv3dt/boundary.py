@@ -144,7 +144,26 @@ def pad_volume(x: np.ndarray, pads: Sequence[AxisPad]) -> np.ndarray:
         block = out[(slice(None), *span, slice(None))]
         for first, stop in ((0, pad.left), (pad.left + n, pad.left + n + pad.right)):
             if stop > first:
-                block[(slice(None),) * (1 + a) + (slice(first, stop),)] = np.take(
-                    block, pad.source[first:stop] + pad.left, axis=1 + a
+                lead = (slice(None),) * (1 + a)
+                block[(*lead, slice(first, stop))] = _margin(
+                    block, lead, pad.source[first:stop] + pad.left
                 )
     return out
+
+
+def _margin(block: np.ndarray, lead: tuple[slice, ...], source: np.ndarray) -> np.ndarray:
+    """``block``'s slices ``source`` along the axis after ``lead``: a view where one will do.
+
+    The margins of every mode are runs of one repeated slice (``replicate``) or
+    consecutive slices in reverse (``reflect``, ``symmetric``, unless the pad is
+    wider than the axis); a strided view of them costs nothing to take, where
+    ``numpy.take`` gathers a copy.
+    """
+    first = int(source[0])
+    if np.all(source == first):
+        return block[(*lead, slice(first, first + 1))]
+    steps = np.diff(source)
+    if np.all(steps == -1):
+        stop = int(source[-1]) - 1
+        return block[(*lead, slice(first, stop if stop >= 0 else None, -1))]
+    return np.take(block, source, axis=len(lead))

@@ -258,3 +258,23 @@ def test_init_refuses_layer_options_beside_a_preset(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "--factor goes with --preset" in result.output
     assert not (tmp_path / "s.yaml").exists()
+
+
+@pytest.mark.parametrize("mode", ["edge", "reflect", "symmetric"])
+def test_pad_volume_equals_numpy_pad_for_narrow_and_wide_margins(mode: str) -> None:
+    from conv3dt.boundary import AxisPad, pad_volume
+
+    rng = np.random.default_rng(8)
+    for _ in range(40):
+        shape = (2, *(int(n) for n in rng.integers(1, 7, 3)), 2)
+        pads, widths = [], []
+        for n in shape[1:4]:
+            # Margins up to 8 voxels: wider than the axis in many draws.
+            left, right = (int(v) for v in rng.integers(0, 9, 2))
+            if mode == "reflect" and n < 2:
+                left = right = 0
+            pads.append(AxisPad(left, right, np.pad(np.arange(n), (left, right), mode)))
+            widths.append((left, right))
+        x = rng.standard_normal(shape)
+        expected = np.pad(x, [(0, 0), *widths, (0, 0)], mode)
+        np.testing.assert_array_equal(pad_volume(x, pads), expected)
