@@ -21,9 +21,22 @@ smooth
     A smooth float32 field of 320^3 x 2 channels (262 MB, the issue's
     160^3 -> 320^3 x 2 job's output size) with a little noise.
 
+With ``--jobs``, whole ``conv3dt`` jobs are timed as well (library calls,
+best of ``--repeat``), each to ``.nii`` and to ``.nii.gz`` with the library in
+use and with the standard library's zlib in its place, next to the time
+zlib's level 1 alone takes to compress the job's output bytes (one thread):
+
+mni
+    The MNI152 template (uint8) through a 1-filter, kernel 4, stride 2, same
+    layer with positive random weights: a 394x466x378 float32 output.
+smooth160x2
+    A smooth 160^3 float32 volume through a 2-filter layer of the same shape:
+    320^3 x 2 float32 (the issue's job).
+
 Usage::
 
     python benchmarks/bench_gzip.py [--mni PATH] [--data mni2x,smooth] [--repeat 3]
+        [--jobs] [--scratch DIR]
 
 Each timing is the best of ``--repeat`` runs; the machine may be shared, so
 compare rows of one run, not runs.
@@ -33,12 +46,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import gzip
 import importlib
 import io
 import os
 import struct
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -235,11 +250,64 @@ def candidates() -> list[tuple[str, Callable, Callable | None]]:
     return rows
 
 
+def _job_spec(filters: int) -> object:
+    from conv3dt import Conv3DTranspose
+    from conv3dt.spec import LayerSpec
+
+    layer = Conv3DTranspose(filters=filters, kernel_size=4, strides=2, padding="same")
+    rng = np.random.default_rng(0)
+    kernel = rng.uniform(0, 0.3, layer.kernel_shape(1)).astype(np.float32)
+    layer.set_weights([kernel, np.full(filters, 0.01, np.float32)])
+    return LayerSpec(layer=layer, source="bench", seed=3)
+
+
+def jobs(mni: Path | None, scratch: Path, repeat: int) -> None:
+    import nibabel as nib
+
+    from conv3dt.run import upsample_file
+    from conv3dt.volumes import gzip_codec
+
+    smooth = scratch / "smooth160.nii.gz"
+    i = np.arange(160, dtype=np.float32)
+    volume = np.sin(i / 7.3)[:, None, None] * np.cos(i / 11.9)[None, :, None]
+    volume = volume * np.sin(i / 5.1)[None, None, :]
+    nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), smooth)
+    cases = [("smooth160x2", smooth, _job_spec(2))]
+    if mni is not None:
+        cases.insert(0, ("mni", mni, _job_spec(1)))
+    fast = gzip_codec.COMPRESSOR, gzip_codec._compress_module, gzip_codec.LEVEL
+    print(f"\njobs: best of {repeat}; {gzip_codec.describe()} vs zlib level 1 in its place")
+    for name, source, spec in cases:
+        # Once untimed: compiles the engine and reads the input into the page cache.
+        upsample_file(spec, str(source), str(scratch / f"{name}.nii"))
+        row = []
+        for mode in ("nii", "fast", "zlib"):
+            if mode == "zlib":  # as where isal cannot be imported
+                gzip_codec.COMPRESSOR, gzip_codec._compress_module, gzip_codec.LEVEL = (
+                    "zlib",
+                    zlib,
+                    1,
+                )
+            out = scratch / (f"{name}.nii" if mode == "nii" else f"{name}_{mode}.nii.gz")
+            run = functools.partial(upsample_file, spec, str(source))
+            try:
+                seconds, _ = best(lambda path, run=run: run(str(path)), out, repeat)
+            finally:
+                gzip_codec.COMPRESSOR, gzip_codec._compress_module, gzip_codec.LEVEL = fast
+            row.append(f"{mode} {seconds:.2f} s ({out.stat().st_size / MB:.0f} MB)")
+        raw = (scratch / f"{name}.nii").read_bytes()
+        seconds, _ = best(one_thread(zlib, 1), raw, max(1, repeat - 1))
+        row.append(f"zlib level 1 alone on the output bytes {seconds:.2f} s")
+        print(f"{name}: " + ", ".join(row), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mni", help="path of mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     parser.add_argument("--data", default="mni2x,smooth")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--jobs", action="store_true", help="also time whole conv3dt jobs")
+    parser.add_argument("--scratch", help="directory for the jobs' files (default: temporary)")
     args = parser.parse_args()
     sets = []
     for name in args.data.split(","):
@@ -271,6 +339,9 @@ def main() -> int:
                 f"{label:48s} {len(data) / MB / seconds:13.0f} {ratio:7.1f} {inflate_text}",
                 flush=True,
             )
+    if args.jobs:
+        with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+            jobs(_mni_path(args.mni), Path(scratch), args.repeat)
     return 0
 
 
