@@ -439,6 +439,23 @@ def upsample_rows(
 
 
 @numba.njit(nogil=True, inline="always")
+def _set_run(
+    dst: np.ndarray, first: int, step: int, src: np.ndarray, start: int, count: int, channels: int
+) -> None:
+    """Copy ``count`` runs of ``channels`` values from ``src[start:]`` to ``dst[first:]``.
+
+    Runs are ``step`` apart in ``dst``, contiguous in ``src``.
+    """
+    # Views from the offsets, so that indices are known non-negative and the
+    # loops carry no wraparound checks.
+    d = dst[first:]
+    s = src[start:]
+    for r in range(count):
+        for f in range(channels):
+            d[r * step + f] = s[r * channels + f]
+
+
+@numba.njit(nogil=True, inline="always")
 def _width_pass(
     plane: np.ndarray,
     channels: int,
@@ -448,6 +465,7 @@ def _width_pass(
     phases: np.ndarray,
     phase_weight: np.ndarray,
     stride: int,
+    joint: np.ndarray,
     edges: np.ndarray,
     tmp: np.ndarray,
     q: np.ndarray,
@@ -457,13 +475,17 @@ def _width_pass(
     ``plane`` is ``(rows, width * channels)``. Output column ``ow`` (channel
     ``f`` at ``ow * channels + f``) sums ``weight[ow, t] * input[index[ow, t]]``
     for ``t < counts[ow]``, in that order. Columns whose taps all lie inside
-    the row are computed phase by phase over contiguous memory, each phase's
-    run into ``tmp`` and then set in place; ``phases[p]`` holds the phase's
+    the row are computed phase by phase over contiguous memory, phase ``p``'s
+    run into ``tmp[p]``, then set in place; ``phases[p]`` holds the phase's
     tap count, its first and last ``q`` (columns ``q * stride + first_column``),
     its first output column, and from index 4 its taps' input shifts, with
-    ``phase_weight[p]`` their weights. The other columns (``edges``) follow the
-    tables. Either way a column's terms are the same, added in the same order.
+    ``phase_weight[p]`` their weights. Where every phase has a column (``q``
+    from ``joint[0]`` to ``joint[1]``, all phases present) the runs are
+    interleaved in one loop, which vectorizes for one channel and strides 2 to 4. The other
+    columns (``edges``) follow the tables. Either way a column's terms are the
+    same, added in the same order.
     """
+    qa, qb = joint[0], joint[1]
     for h in range(plane.shape[0]):
         src = plane[h]
         dst = q[h]
@@ -473,20 +495,63 @@ def _width_pass(
             if runs <= 0:
                 continue
             length = runs * channels
-            base = (phases[p, 1] + phases[p, 4]) * channels
+            out = tmp[p]
+            seg = src[(phases[p, 1] + phases[p, 4]) * channels :]
             w0 = phase_weight[p, 0]
             for k in range(length):
-                tmp[k] = w0 * src[base + k]
+                out[k] = w0 * seg[k]
             for j in range(1, n):
-                base = (phases[p, 1] + phases[p, 4 + j]) * channels
+                seg = src[(phases[p, 1] + phases[p, 4 + j]) * channels :]
                 wj = phase_weight[p, j]
                 for k in range(length):
-                    tmp[k] += wj * src[base + k]
-            first = phases[p, 3] * channels
-            step = stride * channels
-            for r in range(runs):
-                for f in range(channels):
-                    dst[first + r * step + f] = tmp[r * channels + f]
+                    out[k] += wj * seg[k]
+        step = stride * channels
+        if qb > qa:
+            count = qb - qa
+            joined = dst[(phases[0, 3] + (qa - phases[0, 1]) * stride) * channels :]
+            if channels == 1 and stride == 2:
+                a = tmp[0, qa - phases[0, 1] :]
+                b = tmp[1, qa - phases[1, 1] :]
+                for r in range(count):
+                    joined[2 * r] = a[r]
+                    joined[2 * r + 1] = b[r]
+            elif channels == 1 and stride == 3:
+                a = tmp[0, qa - phases[0, 1] :]
+                b = tmp[1, qa - phases[1, 1] :]
+                c = tmp[2, qa - phases[2, 1] :]
+                for r in range(count):
+                    joined[3 * r] = a[r]
+                    joined[3 * r + 1] = b[r]
+                    joined[3 * r + 2] = c[r]
+            elif channels == 1 and stride == 4:
+                a = tmp[0, qa - phases[0, 1] :]
+                b = tmp[1, qa - phases[1, 1] :]
+                c = tmp[2, qa - phases[2, 1] :]
+                d = tmp[3, qa - phases[3, 1] :]
+                for r in range(count):
+                    joined[4 * r] = a[r]
+                    joined[4 * r + 1] = b[r]
+                    joined[4 * r + 2] = c[r]
+                    joined[4 * r + 3] = d[r]
+            else:
+                for p in range(phases.shape[0]):
+                    _set_run(
+                        joined, p * channels, step, tmp[p],
+                        (qa - phases[p, 1]) * channels, count, channels,
+                    )  # fmt: skip
+        for p in range(phases.shape[0]):
+            # The phase's columns outside the joint run: before it, then after it.
+            q0, q1 = phases[p, 1], phases[p, 2]
+            before = min(q1, qa) - q0 if qb > qa else q1 - q0
+            if before > 0:
+                _set_run(dst, phases[p, 3] * channels, step, tmp[p], 0, before, channels)
+            after = q1 - max(q0, qb) if qb > qa else 0
+            if after > 0:
+                skip = max(q0, qb) - q0
+                _set_run(
+                    dst, (phases[p, 3] + skip * stride) * channels, step, tmp[p],
+                    skip * channels, after, channels,
+                )  # fmt: skip
         for e in range(edges.shape[0]):
             ow = edges[e]
             n = counts[ow]
@@ -546,6 +611,7 @@ def separable_region(
     w_phases: np.ndarray,
     w_phase_weight: np.ndarray,
     w_stride: int,
+    w_joint: np.ndarray,
     w_edges: np.ndarray,
     span: int,
     parts: int,
@@ -580,7 +646,7 @@ def separable_region(
         ring = np.empty((span, height, row), dtype=out.dtype)
         tags = np.full(span, -1, dtype=np.int64)
         q = np.empty((in_rows, row), dtype=out.dtype)
-        tmp = np.empty(x.shape[3], dtype=out.dtype)
+        tmp = np.empty((max(1, w_phases.shape[0]), x.shape[3]), dtype=out.dtype)
         for od in range(first, stop):
             n = d_counts[od]
             for t in range(n):
@@ -596,6 +662,7 @@ def separable_region(
                         w_phases,
                         w_phase_weight,
                         w_stride,
+                        w_joint,
                         w_edges,
                         tmp,
                         q,

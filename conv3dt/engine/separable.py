@@ -222,10 +222,10 @@ def _width_phases(
     out_start: int,
     out_length: int,
     dtype: np.dtype,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The width axis's output columns whose taps all lie in the box, phase by phase.
 
-    Returns ``(phases, phase_weight, edges)`` as
+    Returns ``(phases, phase_weight, joint, edges)`` as
     :func:`conv3dt.engine.numba_kernels.separable_region` takes them: per
     phase its tap count, first and last (exclusive) ``q``, first output
     column, and from index 4 the taps' input shifts (input ``q + shift``);
@@ -252,7 +252,11 @@ def _width_phases(
             covered[phases[n, 3] : phases[n, 3] + (q_stop - q_first - 1) * stride + 1 : stride] = (
                 True
             )
-    return phases, phase_weight, np.nonzero(~covered)[0]
+    # Where every phase has a column for the same q, one loop interleaves them.
+    joint = np.zeros(2, dtype=np.int64)
+    if len(found) == stride:
+        joint[:] = phases[:, 1].max(), max(phases[:, 1].max(), phases[:, 2].min())
+    return phases, phase_weight, joint, np.nonzero(~covered)[0]
 
 
 def conv_transpose_region_separable(
@@ -329,13 +333,14 @@ def conv_transpose_region_separable(
     post = epilogue.kernel_args(dtype, repeat=int(out_shape[2]))
     rows = out.reshape(batch, shape[1], shape[2], shape[3] * filters)
     z = z.reshape(*z.shape[:3], z.shape[3] * z.shape[4])
-    w_phases, w_phase_weight, w_edges = phases
+    w_phases, w_phase_weight, w_joint, w_edges = phases
     nk.separable_region(
         z,
         *tables,
         w_phases,
         w_phase_weight,
         int(strides[2]),
+        w_joint,
         w_edges,
         span,
         threads.get_threads(),
