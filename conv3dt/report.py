@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from conv3dt.engine.separable import separable_factors
 from conv3dt.spec import LayerSpec
 
 __all__ = ["axis_names", "inspect_report", "weight_statistics"]
@@ -54,7 +55,13 @@ def inspect_report(
     report: dict[str, Any] = {"source": spec.source, "boundary": spec.boundary}
     plan_info: dict[str, Any] | None = None
     if input_path is not None:
-        from conv3dt.run import SPATIAL_FIRST_FORMATS, input_storage, naming_input, prepare
+        from conv3dt.run import (
+            SPATIAL_FIRST_FORMATS,
+            input_storage,
+            naming_input,
+            prepare,
+            volume_engine,
+        )
         from conv3dt.volumes import open_volume
 
         with open_volume(input_path, input_format) as reader, naming_input(input_path):
@@ -101,12 +108,18 @@ def inspect_report(
             "tiles": len(plan) * batch,
             "memory_limit_bytes": plan.memory_limit,
             "expected_peak_bytes": plan.peak_bytes,
+            "engine": volume_engine(layer, plan.axes, batch, "auto"),
         }
     elif not layer.built:
         spec.ensure_built(1)
         report["note"] = "no weights loaded: drawn from the initializers for 1 input channel"
     report["layer"] = json.loads(json.dumps(layer.get_config()))
     weights = {"kernel": weight_statistics(layer.kernel)} if layer.kernel is not None else {}
+    if layer.kernel is not None:
+        # Whether the separable engine can run it: three 1D passes instead of 3D.
+        weights["kernel"]["separable"] = (
+            separable_factors(layer.operands(np.zeros(0, np.float32))[1], layer.strides) is not None
+        )
     if layer.bias is not None:
         weights["bias"] = weight_statistics(layer.bias)
     report["weights"] = weights

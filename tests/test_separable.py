@@ -200,3 +200,20 @@ def test_a_preset_spec_runs_separable_and_tiles_equal_the_whole(tmp_path: Path) 
         target = tmp_path / f"{name}.npy"
         upsample_file(spec, str(source), str(target), tile_shape=tiles, engine="separable")
         np.testing.assert_array_equal(np.load(target), whole, err_msg=name)
+
+
+def test_inspect_reports_a_separable_kernel_and_the_engine_auto_runs(tmp_path: Path) -> None:
+    from conv3dt.report import inspect_report
+
+    big = tmp_path / "big.npy"
+    np.save(big, np.zeros((160, 160, 160), np.float32))
+    preset = LayerSpec(layer=conv3dt.preset_layer("linear", 2), source="test", boundary="replicate")
+    report = inspect_report(preset, str(big))
+    assert report["weights"]["kernel"]["separable"] is True
+    assert report["plan"]["engine"] == "separable"
+    layer = conv3dt.Conv3DTranspose(1, 3, strides=2, padding="same")
+    layer.build((1, 4, 4, 4, 1), seed=1)
+    trained = LayerSpec(layer=layer, source="test")
+    report = inspect_report(trained, str(big))
+    assert report["weights"]["kernel"]["separable"] is False
+    assert report["plan"]["engine"] == "numba"
