@@ -20,14 +20,23 @@ of an inline commit:
 
 A commit that fails, or is interrupted, removes its own temporary file (the
 writer's ``commit`` aborts itself), so a batch never leaves a partial output.
+
+Memory: the commit thread allocates as it finishes a file (a compressor's last
+blocks), and glibc keeps what a thread frees in that thread's own heap arena,
+resident, beside the main thread's. Without returning it, a batch's peak RSS
+grew by 70-120 MiB over commits inline in MNI-sized batches; with
+``malloc_trim`` after each commit it stays where it was.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -42,6 +51,30 @@ class Committable(Protocol):
     def commit(self) -> None: ...  # pragma: no cover - protocol
 
     def abort(self) -> None: ...  # pragma: no cover - protocol
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def _commit_and_release(writer: Committable) -> None:
+    """Commit on the committer's thread, then give the memory it freed back to the system."""
+    try:
+        writer.commit()
+    finally:
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
 
 
 @dataclass
@@ -99,7 +132,7 @@ class Committer:
         # leaves a writer that wait() aborts, never one that nobody owns.
         pending = _Pending(writer, key)
         self._pending = pending
-        pending.future = self._pool.submit(writer.commit)
+        pending.future = self._pool.submit(_commit_and_release, writer)
 
     def owns(self, writer: Committable) -> bool:
         """Whether ``writer`` was handed over and is being committed here."""
