@@ -36,10 +36,12 @@ __all__ = [
     "ERRORS",
     "LEVEL",
     "MAX_THREADS",
+    "MIN_PARALLEL_BYTES",
     "GzipBlockWriter",
     "crc32_combine",
     "decompressobj",
     "describe",
+    "threads_for",
     "writer_memory_bytes",
 ]
 
@@ -47,8 +49,8 @@ __all__ = [
 #: handing a block to a thread costs nothing next to compressing it, short
 #: enough that the blocks in flight stay a few tens of MiB.
 BLOCK_SIZE = 4 << 20
-#: Most compression threads: two cores already compress faster than a disk
-#: writes, and every thread adds blocks in flight.
+#: Most compression threads: every thread adds blocks in flight, and a job's
+#: computation needs the cores too.
 MAX_THREADS = 4
 #: Outputs smaller than this are compressed on the calling thread as one
 #: stream: ISA-L takes well under 0.1 s for them, and no blocks are held.
@@ -83,7 +85,9 @@ def _select() -> tuple[str, ModuleType, int]:
 
 COMPRESSOR, _compress_module, LEVEL = _select()
 #: What a damaged stream raises from whichever library reads it.
-ERRORS: tuple[type[Exception], ...] = tuple({zlib.error, _compress_module.error})
+ERRORS: tuple[type[Exception], ...] = (
+    (zlib.error,) if _compress_module is zlib else (zlib.error, _compress_module.error)
+)
 
 
 def describe() -> str:
@@ -118,7 +122,12 @@ def _gf2_square(matrix: list[int]) -> list[int]:
 
 
 def _crc32_combine_python(crc1: int, crc2: int, length2: int) -> int:
-    """zlib's ``crc32_combine``: append ``length2`` zero bits-pairs by matrix squaring."""
+    """zlib's ``crc32_combine`` in Python, for a library without it (the standard one).
+
+    Appending B to A shifts A's CRC register over ``length2`` zero bytes
+    before B's CRC is added; the shift is a 32x32 matrix over GF(2), raised to
+    that power by repeated squaring.
+    """
     if length2 <= 0:
         return crc1
     # The operator of one zero bit on the CRC register, then 2, 4, ... bits.
@@ -153,7 +162,7 @@ def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
         Length of the second part in bytes.
     """
     combine = getattr(_compress_module, "crc32_combine", None)
-    if combine is None or length2 >= 1 << 63:
+    if combine is None:
         return _crc32_combine_python(crc1, crc2, length2)
     return int(combine(crc1, crc2, length2)) & 0xFFFFFFFF
 
@@ -292,7 +301,8 @@ class GzipBlockWriter:
     def write(self, data: Any) -> int:
         """Append bytes (anything exposing the buffer protocol); returns their count.
 
-        The bytes are copied, so the caller may reuse its buffer at once.
+        The bytes are compressed or copied before this returns, so the caller
+        may reuse its buffer at once.
         """
         if self._closed:
             raise ValueError("write to a closed GzipBlockWriter")
