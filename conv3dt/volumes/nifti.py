@@ -414,7 +414,10 @@ class NiftiWriter(VolumeWriter):
       the third axis, written in increasing order, keep only the planes of the
       slab being filled. Planes that complete out of order wait in memory up to
       :attr:`buffer_limit` bytes, beyond it in a scratch file beside the target.
-      Each voxel must be written once (boxes may not overlap).
+      Each voxel must be written once (boxes may not overlap). The stream is
+      one gzip member compressed by :class:`~conv3dt.volumes.gzip_codec.GzipBlockWriter`:
+      ISA-L in blocks on a few threads (outputs of 32 MiB and more), else on
+      the writing thread.
     - int16 / uint8 without ``value_range``: the scaling needs the data's range
       before the header can be written, so boxes go as float32 to a scratch file
       beside the target while the range is tracked; at commit the scaling is set
