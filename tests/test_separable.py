@@ -217,3 +217,27 @@ def test_inspect_reports_a_separable_kernel_and_the_engine_auto_runs(tmp_path: P
     report = inspect_report(trained, str(big))
     assert report["weights"]["kernel"]["separable"] is False
     assert report["plan"]["engine"] == "numba"
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_bands_and_runs_of_planes_do_not_change_a_bit(monkeypatch, n_threads: int) -> None:
+    """The kernel's split of the work (bands of rows as small as four, runs of planes
+    when bands are fewer than threads) leaves every value as the whole computes it."""
+    from conv3dt.engine import separable
+    from conv3dt.engine.threads import set_threads
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 9, 21, 8, 2)).astype(np.float32)
+    kernel = separable_kernel(rng, (3, 4, 3), 2, 2)
+    args = (x, kernel, (2, 2, 3), (1, 1, 1), (0,) * 3, (1, 2, 0), (18, 41, 24))
+    with set_threads(1):
+        whole = conv_transpose_region(*args, engine="separable")
+    monkeypatch.setattr(separable, "_RING_BYTES", 1)
+    with set_threads(n_threads):
+        banded = conv_transpose_region(*args, engine="separable")
+        one_row = conv_transpose_region(
+            x[:, :, 5:7], kernel, (2, 2, 3), (1, 1, 1), (0, 5, 0), (1, 12, 0), (18, 1, 24),
+            engine="separable",
+        )  # fmt: skip
+    np.testing.assert_array_equal(banded, whole)
+    np.testing.assert_array_equal(one_row, whole[:, :, 10:11])

@@ -568,12 +568,13 @@ def _width_pass(
 @numba.njit(nogil=True, inline="always")
 def _line_pass(
     src: np.ndarray,
+    offset: int,
     counts: np.ndarray,
     index: np.ndarray,
     weight: np.ndarray,
     dst: np.ndarray,
 ) -> None:
-    """``dst[o] = sum_t weight[o, t] * src[index[o, t]]`` row by row, ``t`` ascending.
+    """``dst[o] = sum_t weight[o, t] * src[index[o, t] - offset]`` row by row, ``t`` ascending.
 
     ``src`` and ``dst`` are 2D; each output row is a weighted sum of whole
     input rows, so the inner loop runs along contiguous memory and vectorizes.
@@ -585,12 +586,12 @@ def _line_pass(
         if n == 0:
             out[:] = 0
             continue
-        first = src[index[o, 0]]
+        first = src[index[o, 0] - offset]
         w0 = weight[o, 0]
         for j in range(row):
             out[j] = w0 * first[j]
         for t in range(1, n):
-            line = src[index[o, t]]
+            line = src[index[o, t] - offset]
             wt = weight[o, t]
             for j in range(row):
                 out[j] += wt * line[j]
@@ -615,6 +616,7 @@ def separable_region(
     w_edges: np.ndarray,
     span: int,
     parts: int,
+    band_rows: np.ndarray,
     bias: np.ndarray,
     limits: np.ndarray,
     code: int,
@@ -628,25 +630,40 @@ def separable_region(
     phases, see :func:`_width_pass`). Output voxel
     ``(od, oh, ow, f)`` is therefore
     ``sum_td d_w * (sum_th h_w * (sum_tw w_w * x))``, its terms always added in
-    the same order, whatever box it is computed in. The input planes a
-    depth output needs (at most ``span`` consecutive ones) are upsampled in
-    the plane once each and kept in a ring of ``span`` planes; each of
-    ``parts`` tasks (one per thread) takes a run of consecutive output planes.
+    the same order, whatever box it is computed in.
+
+    The work is cut into bands of output rows (``band_rows[k]``: the band's
+    first and last output row, and the first and last input row it reads), so
+    that what a task keeps stays in cache, and each band's depth into
+    ``parts`` runs of consecutive output planes; each task (a batch item, a
+    band and a run) upsamples in the plane the input planes its output planes
+    need (at most ``span`` consecutive ones), each once, into a ring of
+    ``span`` band planes.
     """
     batch = x.shape[0]
-    depth, height, row = out.shape[1], out.shape[2], out.shape[3]
-    in_rows = x.shape[2]
+    depth, row = out.shape[1], out.shape[3]
     channels = row // max(1, w_counts.shape[0])
+    bands = band_rows.shape[0]
     parts = max(1, min(depth, parts))
-    for job in numba.prange(batch * parts):
-        b = job // parts
+    for job in numba.prange(batch * bands * parts):
+        b = job // (bands * parts)
+        band = job // parts % bands
         part = job % parts
         first = part * depth // parts
         stop = (part + 1) * depth // parts
-        ring = np.empty((span, height, row), dtype=out.dtype)
+        oh0, oh1, r0, r1 = (
+            band_rows[band, 0],
+            band_rows[band, 1],
+            band_rows[band, 2],
+            band_rows[band, 3],
+        )
+        ring = np.empty((span, oh1 - oh0, row), dtype=out.dtype)
         tags = np.full(span, -1, dtype=np.int64)
-        q = np.empty((in_rows, row), dtype=out.dtype)
+        q = np.empty((r1 - r0, row), dtype=out.dtype)
         tmp = np.empty((max(1, w_phases.shape[0]), x.shape[3]), dtype=out.dtype)
+        counts = h_counts[oh0:oh1]
+        index = h_index[oh0:oh1]
+        weight = h_weight[oh0:oh1]
         for od in range(first, stop):
             n = d_counts[od]
             for t in range(n):
@@ -654,7 +671,7 @@ def separable_region(
                 slot = i % span
                 if tags[slot] != i:
                     _width_pass(
-                        x[b, i],
+                        x[b, i, r0:r1],
                         channels,
                         w_counts,
                         w_index,
@@ -667,10 +684,10 @@ def separable_region(
                         tmp,
                         q,
                     )
-                    _line_pass(q, h_counts, h_index, h_weight, ring[slot])
+                    _line_pass(q, r0, counts, index, weight, ring[slot])
                     tags[slot] = i
-            for oh in range(height):
-                dst = out[b, od, oh]
+            for oh in range(oh1 - oh0):
+                dst = out[b, od, oh0 + oh]
                 if n == 0:
                     dst[:] = 0
                 else:

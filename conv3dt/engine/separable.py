@@ -259,6 +259,44 @@ def _width_phases(
     return phases, phase_weight, joint, np.nonzero(~covered)[0]
 
 
+# What one task's ring of band planes may take: about a core's L2 cache.
+_RING_BYTES = 512 * 2**10
+
+
+def _work_split(
+    h_counts: np.ndarray,
+    h_index: np.ndarray,
+    span: int,
+    row: int,
+    dtype: np.dtype,
+    batch: int,
+    depth: int,
+    n_threads: int,
+) -> tuple[np.ndarray, int]:
+    """Bands of output rows and runs of output planes for the kernel's tasks.
+
+    Bands are as tall as lets a task's ring of ``span`` band planes fit in
+    :data:`_RING_BYTES`, and as many as a multiple of the threads, so that the
+    tasks share the threads evenly; the depth is split into runs only when
+    bands alone are fewer than the threads. Returns ``band_rows`` (per band:
+    first and stop output row, first and stop input row it reads) and the
+    number of runs.
+    """
+    height = h_counts.shape[0]
+    tall = max(4, _RING_BYTES // max(1, span * row * dtype.itemsize))
+    bands = -(-height // tall)
+    bands = max(1, min(height, -(-bands // n_threads) * n_threads))
+    band_rows = np.zeros((bands, 4), dtype=np.int64)
+    for k in range(bands):
+        oh0, oh1 = k * height // bands, (k + 1) * height // bands
+        used = [h_index[o, : h_counts[o]] for o in range(oh0, oh1) if h_counts[o]]
+        r0 = min((int(u.min()) for u in used), default=0)
+        r1 = max((int(u.max()) + 1 for u in used), default=0)
+        band_rows[k] = (oh0, oh1, r0, r1)
+    parts = max(1, min(depth, -(-n_threads // (batch * bands))))
+    return band_rows, parts
+
+
 def conv_transpose_region_separable(
     x: np.ndarray,
     kernel: np.ndarray,
@@ -327,6 +365,10 @@ def conv_transpose_region_separable(
         n = int(d_counts[o])
         if n:
             span = max(span, int(d_index[o, :n].max() - d_index[o, :n].min()) + 1)
+    n_threads = threads.get_threads()
+    bands, parts = _work_split(
+        tables[3], tables[4], span, shape[3] * filters, dtype, batch, int(shape[1]), n_threads
+    )
     from conv3dt.engine import numba_kernels as nk
 
     threads.numba_threads()
@@ -343,7 +385,8 @@ def conv_transpose_region_separable(
         w_joint,
         w_edges,
         span,
-        threads.get_threads(),
+        parts,
+        bands,
         *post,
         rows,
     )
