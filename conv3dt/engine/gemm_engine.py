@@ -60,11 +60,12 @@ _ALIGN = 64
 _SPLIT_RATIO = 4
 # A split product multiplies the operand once by all its parts' weights side by
 # side when the result's row stays this narrow: one (R, k) @ (k, parts * n)
-# GEMM instead of one per part. Small results (n of 16 to 32 on the benchmark's
-# workloads) keep the BLAS's register tiles far from full, and a wider one ran
-# 15-25 % faster than the parts apart, which outweighs the one extra block each
-# task then multiplies (see _Job).
-_WIDE_COLUMNS = 128
+# GEMM instead of one per part. A narrow result (n = 16 in W6) keeps the BLAS's
+# register tiles far from full: (64, 144) @ (144, 48) ran 15-20 % faster than
+# three (64, 144) @ (144, 16), which outweighs the extra block each task then
+# multiplies (see _Job) and the pass summing the parts; W6 gained 3-12 % in
+# A/B runs. At n = 32 (W3, 96 columns) the gain was within the runs' spread.
+_WIDE_COLUMNS = 64
 
 
 def block_rows(k: int, n: int, itemsize: int) -> tuple[int, int]:
