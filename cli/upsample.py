@@ -268,6 +268,8 @@ def run_upsample(
                     bar.close()
                 if not keep_going:
                     raise
+                if committer is not None:
+                    committer.wait()  # the earlier file's outcome is reported first
                 errors.report(error, debug)
                 failures.append((job.input, error))
                 continue

@@ -142,6 +142,22 @@ def test_a_failing_commit_with_keep_going_is_counted_for_its_file(tmp_path, batc
     assert _temps(tmp_path) == []
 
 
+def test_failures_are_summarized_in_the_batch_order(tmp_path, batch, monkeypatch):
+    spec, folder, _ = batch
+    _commits_failing(monkeypatch, "b_up.npy")
+    np.save(folder / "c.npy", np.ones((3, 3), np.float32))  # fails before its commit
+    np.save(folder / "d.npy", np.ones((3, 3, 3), np.float32))
+    out = tmp_path / "out"
+    result = run_cli(
+        "upsample", str(folder), "--spec", str(spec), "--output-dir", str(out), "--keep-going"
+    )
+    assert result.exit_code == 1, result.output
+    summary = result.output[result.output.index("2 of 4 input(s) failed") :]
+    assert summary.index("b.npy") < summary.index("c.npy"), summary
+    assert sorted(os.listdir(out)) == ["a_up.npy", "d_up.npy"]
+    assert _temps(tmp_path) == []
+
+
 def test_a_later_file_failing_keeps_the_committed_one(tmp_path, batch):
     spec, folder, _ = batch
     np.save(folder / "b.npy", np.ones((3, 3), np.float32))  # 2D: refused (exit 2)
