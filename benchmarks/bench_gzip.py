@@ -2,14 +2,14 @@
 
 Compresses and decompresses the same bytes with the standard library's zlib,
 python-isal (ISA-L) and python-zlib-ng at their fastest levels, each on one
-thread and on two (4 MiB blocks compressed on a thread pool, each primed with
-the 32 KiB before it, and joined into one gzip member, as
-:mod:`conv3dt.volumes.gzip_codec` does, plus
-the libraries' own threaded writers for reference), and prints MB/s of
-uncompressed data (per second of wall time and per second of CPU time, all
-threads), the compressed size as a percentage of the input, and
-decompression MB/s through ``decompressobj`` in 256 KiB pieces (as the NIfTI
-reader decompresses).
+thread (one stream) and on two (conv3dt's
+:class:`~conv3dt.volumes.gzip_codec.GzipBlockWriter` with that library: 4 MiB
+blocks compressed on a thread pool, each primed with the 32 KiB before it,
+joined into one gzip member; the libraries' own threaded writers for
+reference), and prints MB/s of uncompressed data (per second of wall time and
+per second of CPU time, all threads), the compressed size as a percentage of
+the input, and decompression MB/s through ``decompressobj`` in 256 KiB pieces
+(as the NIfTI reader decompresses).
 
 Data
 ----
@@ -47,7 +47,7 @@ compare rows of one run, not runs.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import functools
 import gzip
 import importlib
@@ -58,7 +58,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,42 +128,55 @@ def _member(deflate: bytes, crc: int, size: int) -> bytes:
 
 
 def one_thread(module: object, level: int) -> Callable[[bytes], bytes]:
+    """One deflate stream on this thread, fed 4 MiB at a time.
+
+    Pieces rather than one call: a library growing one output buffer for
+    hundreds of MB of barely compressible data spends its time copying it.
+    """
+
     def run(data: bytes) -> bytes:
         c = module.compressobj(level, module.DEFLATED, -15)
-        body = c.compress(data) + c.flush()
-        return _member(body, module.crc32(data), len(data))
+        view = memoryview(data)
+        crc = 0
+        parts = []
+        for start in range(0, len(view), BLOCK):
+            piece = view[start : start + BLOCK]
+            parts.append(c.compress(piece))
+            crc = module.crc32(piece, crc)
+        parts.append(c.flush())
+        return _member(b"".join(parts), crc, len(data))
 
     return run
 
 
-def _crc32_combine(crc1: int, crc2: int, length2: int) -> int:
-    from conv3dt.volumes.gzip_codec import crc32_combine
+@contextlib.contextmanager
+def _compressing_with(module: object, level: int) -> Iterator[None]:
+    """conv3dt's gzip_codec with another library (and level) in place of its own."""
+    from conv3dt.volumes import gzip_codec
 
-    return crc32_combine(crc1, crc2, length2)
+    saved = gzip_codec.COMPRESSOR, gzip_codec._compress_module, gzip_codec.LEVEL
+    gzip_codec.COMPRESSOR, gzip_codec._compress_module, gzip_codec.LEVEL = (
+        module.__name__,
+        module,
+        level,
+    )
+    try:
+        yield
+    finally:
+        gzip_codec.COMPRESSOR, gzip_codec._compress_module, gzip_codec.LEVEL = saved
 
 
 def blocks(module: object, level: int, threads: int) -> Callable[[bytes], bytes]:
-    """pigz's scheme: 4 MiB blocks, each primed with the previous 32 KiB, sync-flushed."""
-
-    def block(view: memoryview, start: int, last: bool) -> tuple[bytes, int, int]:
-        piece = view[start : start + BLOCK]
-        if start:
-            c = module.compressobj(level, module.DEFLATED, -15, 9, 0, view[start - 32768 : start])
-        else:
-            c = module.compressobj(level, module.DEFLATED, -15)
-        body = c.compress(piece) + c.flush(module.Z_FINISH if last else module.Z_SYNC_FLUSH)
-        return body, module.crc32(piece), len(piece)
+    """conv3dt's GzipBlockWriter with this library: 4 MiB blocks on ``threads`` threads."""
 
     def run(data: bytes) -> bytes:
-        view = memoryview(data)
-        starts = range(0, len(data), BLOCK)
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(lambda s: block(view, s, s + BLOCK >= len(data)), starts))
-        crc = 0
-        combine = getattr(module, "crc32_combine", None) or _crc32_combine
-        for _, c, n in parts:
-            crc = combine(crc, c, n)
-        return _member(b"".join(p for p, _, _ in parts), crc, len(data))
+        from conv3dt.volumes import gzip_codec
+
+        buffer = io.BytesIO()
+        with _compressing_with(module, level):
+            with gzip_codec.GzipBlockWriter(buffer, threads=threads, block_size=BLOCK) as writer:
+                writer.write(data)
+        return buffer.getvalue()
 
     return run
 
@@ -224,7 +237,7 @@ def best_cpu(function: Callable, argument: object, repeat: int) -> tuple[float, 
 def candidates() -> list[tuple[str, Callable, Callable | None]]:
     rows: list[tuple[str, Callable, Callable | None]] = [
         ("zlib 1 (stdlib), 1 thread", one_thread(zlib, 1), inflate(zlib)),
-        ("zlib 1 (stdlib), 2 threads, blocks", blocks(zlib, 1, 2), None),
+        ("zlib 1 (stdlib), 2 threads, conv3dt blocks", blocks(zlib, 1, 2), None),
     ]
     try:
         from isal import igzip_threaded, isal_zlib
@@ -232,8 +245,8 @@ def candidates() -> list[tuple[str, Callable, Callable | None]]:
         rows += [
             ("isal 0, 1 thread", one_thread(isal_zlib, 0), inflate(isal_zlib)),
             ("isal 1, 1 thread", one_thread(isal_zlib, 1), None),
-            ("isal 0, 2 threads, blocks", blocks(isal_zlib, 0, 2), None),
-            ("isal 1, 2 threads, blocks", blocks(isal_zlib, 1, 2), None),
+            ("isal 0, 2 threads, conv3dt blocks", blocks(isal_zlib, 0, 2), None),
+            ("isal 1, 2 threads, conv3dt blocks", blocks(isal_zlib, 1, 2), None),
             ("isal 1, igzip_threaded 2", library_writer(igzip_threaded.open, 1, 2), None),
         ]
     except ImportError:
@@ -243,23 +256,11 @@ def candidates() -> list[tuple[str, Callable, Callable | None]]:
 
         rows += [
             ("zlib-ng 1, 1 thread", one_thread(zlib_ng, 1), inflate(zlib_ng)),
-            ("zlib-ng 1, 2 threads, blocks", blocks(zlib_ng, 1, 2), None),
+            ("zlib-ng 1, 2 threads, conv3dt blocks", blocks(zlib_ng, 1, 2), None),
             ("zlib-ng 1, gzip_ng_threaded 2", library_writer(gzip_ng_threaded.open, 1, 2), None),
         ]
     except ImportError:
         print("python-zlib-ng not installed: its rows are skipped", file=sys.stderr)
-    try:
-        from conv3dt.volumes import gzip_codec
-
-        def codec(data: bytes) -> bytes:
-            buffer = io.BytesIO()
-            with gzip_codec.GzipBlockWriter(buffer) as writer:
-                writer.write(data)
-            return buffer.getvalue()
-
-        rows.append((f"conv3dt GzipBlockWriter ({gzip_codec.describe()})", codec, None))
-    except (ImportError, AttributeError):
-        pass
     return rows
 
 
