@@ -9,6 +9,7 @@ refused; and stopping must leave no file and no thread behind.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import importlib
 import itertools
@@ -30,7 +31,7 @@ from conv3dt.geometry import axis_geometry
 from conv3dt.plan import plan_tiles
 from conv3dt.run import upsample_file
 from conv3dt.spec import LayerSpec
-from conv3dt.volumes import VolumeError, gzip_codec
+from conv3dt.volumes import VolumeError, VolumeWriteError, gzip_codec
 from conv3dt.volumes.nifti import NiftiReader, NiftiWriter
 
 SMALL_BLOCK = 64 << 10  # the least block size: many blocks from small volumes
@@ -390,6 +391,41 @@ def test_an_aborted_compressed_write_leaves_no_file_and_no_thread(tmp_path, monk
             raise KeyboardInterrupt
     assert not _gzip_threads()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_full_disk_during_a_compressed_write_leaves_nothing(tmp_path, monkeypatch, parallel):
+    from conv3dt.volumes import nifti
+
+    if parallel:
+        monkeypatch.setattr(gzip_codec, "BLOCK_SIZE", SMALL_BLOCK)
+        monkeypatch.setattr(gzip_codec, "MIN_PARALLEL_BYTES", 0)
+
+    class FillingFile:
+        """The output file, which runs out of space after 100 KB."""
+
+        def __init__(self, fd: int, mode: str) -> None:
+            self._file = open(fd, mode)  # closed through close() (__getattr__)
+            self._written = 0
+
+        def write(self, data) -> int:
+            self._written += len(data)
+            if self._written > 100_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    monkeypatch.setattr(nifti, "open", FillingFile, raising=False)
+    shape = (64, 64, 48)  # 768 KiB of noise: compresses to more than 100 KB
+    values = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    with pytest.raises(VolumeWriteError, match=r"out\.nii\.gz.*no space left on device"):
+        with NiftiWriter(str(tmp_path / "out.nii.gz"), shape, np.float32) as writer:
+            for k in range(0, 48, 8):
+                writer.write((slice(None), slice(None), slice(k, k + 8)), values[..., k : k + 8])
+    assert os.listdir(tmp_path) == []
+    assert not _gzip_threads()
 
 
 def test_small_outputs_are_compressed_on_the_calling_thread(tmp_path):
