@@ -179,6 +179,10 @@ def test_auto_picks_the_separable_engine_for_separable_kernels_of_large_volumes(
     assert engine_for_volume(preset.shape, (2,) * 3, (1,) * 3, big) == "numba"
     noise = np.random.default_rng(0).standard_normal(preset.shape).astype(np.float32)
     assert engine_for_volume(preset.shape, (2,) * 3, (1,) * 3, big, noise) == "numba"
+    # A 1x1x1 kernel or a line of taps: three passes would do no fewer taps.
+    for size in [(1, 1, 1), (3, 1, 1), (1, 2, 1)]:
+        line = separable_kernel(np.random.default_rng(2), size, 1, 1)
+        assert engine_for_volume(line.shape, (3,) * 3, (1,) * 3, 64 * big, line) == "numba"
     # Kernel == stride (nearest): one tap per output voxel, the Numba engine's own pass.
     nearest = preset_kernel("nearest", 2)
     assert engine_for_volume(nearest.shape, (2,) * 3, (1,) * 3, 4 * big, nearest) == "numba"

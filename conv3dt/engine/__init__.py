@@ -34,6 +34,7 @@ holds for it. Numba is imported only when a Numba path runs. The reference imple
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -164,13 +165,16 @@ def prefers_separable(kernel: np.ndarray, strides: Sequence[int], dilation: Sequ
     True for a separable kernel (exactly, see
     :func:`conv3dt.engine.separable.separable_factors`) whose channel matrix is
     the identity or has at most 16 entries, unless the kernel equals the
-    stride: each output voxel then takes one tap, which the Numba engine's
-    upsampling pass writes directly.
+    stride (each output voxel then takes one tap, which the Numba engine's
+    upsampling pass writes directly) or three 1D passes would do no fewer
+    taps than the kernel has (``kd * kh * kw <= kd + kh + kw``: a 1x1x1 or a
+    line of a kernel).
     """
     from conv3dt.engine.direct_engine import is_upsampling
     from conv3dt.engine.separable import separable_factors
 
-    if is_upsampling(kernel.shape[:3], strides, dilation):
+    size = [int(k) for k in kernel.shape[:3]]
+    if is_upsampling(size, strides, dilation) or math.prod(size) <= sum(size):
         return False
     factors = separable_factors(kernel, strides)
     if factors is None:
