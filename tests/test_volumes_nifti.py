@@ -274,3 +274,21 @@ def test_truncated_nifti_files(tmp_path):
     with pytest.raises(VolumeError, match=r"cut\.nii\.gz"):
         with open_volume(str(tmp_path / "cut.nii.gz")) as reader:
             reader.read()
+
+
+@pytest.mark.parametrize("numba_loaded", [False, True])
+@pytest.mark.parametrize("shape", [(7, 5, 9), (33, 2, 17), (4, 6, 3, 2), (70, 3, 5)])
+def test_fortran_order_copies_values_in_file_order(monkeypatch, numba_loaded, shape) -> None:
+    import sys
+
+    from conv3dt.volumes.nifti import fortran_order
+
+    if numba_loaded:
+        import conv3dt.engine.numba_kernels  # noqa: F401
+    else:
+        monkeypatch.delitem(sys.modules, "conv3dt.engine.numba_kernels", raising=False)
+    array = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for view in (array, array[::-1, :, 1:]):
+        got = fortran_order(view)
+        assert got.flags.f_contiguous
+        np.testing.assert_array_equal(got, view)

@@ -18,6 +18,7 @@ __all__ = [
     "UPSAMPLE_FIXED",
     "direct_region",
     "gather_rows",
+    "reverse_axes",
     "scatter_rows",
     "separable_region",
     "upsample_rows",
@@ -703,6 +704,23 @@ def separable_region(
                 _finish_run(dst, bias, limits, code)
 
 
+@numba.njit(parallel=True)
+def reverse_axes(a: np.ndarray, out: np.ndarray) -> None:
+    """``out[k, j, i] = a[i, j, k]``: a 3D array's axes reversed, in cache-sized blocks.
+
+    A C-order array so copied is the Fortran-order copy of ``a``, which is how
+    a NIfTI file lays out its voxels; NumPy's strided copy of that transpose
+    touches a new cache line for nearly every value.
+    """
+    n0, n1, n2 = a.shape
+    for j in numba.prange(n1):
+        for i0 in range(0, n0, 16):
+            for k0 in range(0, n2, 16):
+                for i in range(i0, min(n0, i0 + 16)):
+                    for k in range(k0, min(n2, k0 + 16)):
+                        out[k, j, i] = a[i, j, k]
+
+
 # The same compiled for one width each: a constant trip count lets LLVM vectorize
 # the row loop with interleaved stores.
 @numba.njit(parallel=True)
@@ -762,6 +780,7 @@ numba_cache.enable_cache(
         scatter_rows,
         direct_region,
         separable_region,
+        reverse_axes,
         upsample_rows,
         *UPSAMPLE_FIXED.values(),
     ]
