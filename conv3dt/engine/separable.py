@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,16 @@ def separable_factors(kernel: np.ndarray, strides: Sequence[int]) -> SeparableKe
     k = np.asarray(kernel)
     if k.ndim != 5 or k.size == 0 or not np.issubdtype(k.dtype, np.floating):
         return None
+    # A volume's every tile asks again about the same weights.
+    return _factors_of(k.tobytes(), k.dtype.str, k.shape, tuple(int(s) for s in strides))
+
+
+@lru_cache(maxsize=16)
+def _factors_of(
+    data: bytes, dtype: str, shape: tuple[int, ...], strides: tuple[int, ...]
+) -> SeparableKernel | None:
+    """:func:`separable_factors` of the kernel with these bytes, dtype and shape."""
+    k = np.frombuffer(data, dtype=dtype).reshape(shape)
     k64 = k.astype(np.float64)
     if not np.all(np.isfinite(k64)):
         return None
@@ -157,6 +168,9 @@ def separable_factors(kernel: np.ndarray, strides: Sequence[int]) -> SeparableKe
             channels = _snapped(channels.ravel()).reshape(channels.shape)
         product = np.einsum("i,j,k,fc->ijkfc", u, v, w, channels)
         if np.array_equal(product.astype(k.dtype), k):
+            # Shared by every caller through the cache: read-only.
+            for array in (u, v, w, channels):
+                array.flags.writeable = False
             return SeparableKernel((u, v, w), channels)
     return None
 
